@@ -1,0 +1,321 @@
+"""Offline builder of small random-weight LLaVA-OneVision checkpoints in the transformers 5.24 layout.
+
+``make_tiny(out_dir)`` writes everything ``LlavaOnevisionForConditionalGeneration.from_pretrained`` and
+``AutoProcessor.from_pretrained`` read (config, safetensors weights, a real byte-level BPE tokenizer,
+processor configs, chat template, generation config) using only numpy, safetensors, tokenizers and json,
+so tests, demos and the ``ov-jax make-tiny`` CLI work without torch or network access.
+
+The weights are random but deliberately *non-default*: every bias is non-zero, every norm weight is
+away from 1 (LayerNorm biases away from 0) and q/k are scaled up so attention is sharp. A dropped bias,
+a wrong norm or a uniform-attention bug therefore changes the outputs, while activations stay of
+order 1 through all layers in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from ov_jax.config import DEFAULT_PINPOINTS
+
+TRANSFORMERS_VERSION = "5.24.0"
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
+NUM_BPE_MERGES = 400
+VOCAB_MULTIPLE = 64
+NUM_IMAGE_TOKENS = 729  # (384 // 14) ** 2 for the base tile, as the hub processor_config.json says
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Qwen2's pre-tokenizer split pattern (transformers' tokenization_qwen2.PRETOKENIZE_REGEX).
+QWEN2_SPLIT_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# The template the llava-hf conversion script attaches to the processor (REFERENCE_NOTES §10.1).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}"
+    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>\\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+TEXT_SIZES = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
+)
+VISION_SIZES = dict(
+    hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2, image_size=384,
+    patch_size=14, num_channels=3, layer_norm_eps=1e-6,
+)
+
+# Small English corpus for the BPE merges: enough variety for a few hundred merges; the sentences are
+# combined deterministically so training sees a few thousand words.
+_SUBJECTS = ("The cat", "A small dog", "The old man", "My sister", "The red car", "A young girl", "The teacher",
+             "Our neighbour", "The bright image", "This picture", "The video", "A bird")
+_VERBS = ("is sitting on", "looks at", "runs towards", "shows", "stands next to", "is painted on",
+          "jumps over", "describes", "contains", "is waiting near", "points to", "walks around")
+_OBJECTS = ("the wooden table.", "a tall building.", "the green field.", "three people.", "the blue sky.",
+            "a chart with numbers.", "the river bank.", "an open window.", "the kitchen door.",
+            "several colourful flowers.", "the city street at night.", "a white boat on the water.")
+_QUESTIONS = ("What is shown in this image?", "Describe the video in detail.", "How many objects are there?",
+              "What colour is the car?", "Where was this photo taken?", "Compare the two images.",
+              "Is there a person in the picture?", "What happens at the end of the clip?")
+
+
+def _corpus() -> list[str]:
+    lines = []
+    for i, subject in enumerate(_SUBJECTS):
+        for j, verb in enumerate(_VERBS):
+            lines.append(f"{subject} {verb} {_OBJECTS[(i + j) % len(_OBJECTS)]}")
+    lines += list(_QUESTIONS) * 4
+    lines += [f"There are {n} items, and {n * 7} more in the year {1990 + n}." for n in range(12)]
+    lines += ["Café, naïve, résumé — 你好，世界！ Über straße. It's we're they'll I'd you've."] * 3
+    return lines
+
+
+def build_tokenizer():
+    """A Qwen2-style byte-level BPE (``tokenizers.Tokenizer``) trained deterministically on the corpus above.
+
+    Pipeline = what transformers' ``Qwen2Tokenizer`` builds: NFC, Qwen2 split regex + ByteLevel (no regex,
+    no prefix space), ByteLevel decoder, no BOS. Ids: 256 byte tokens, the merges, then the special tokens.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
+                                     fuse_unk=False, byte_fallback=False))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + NUM_BPE_MERGES, min_frequency=2,
+                                  initial_alphabet=alphabet, show_progress=False, special_tokens=[])
+    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tokenizer
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class _WeightMaker:
+    """Deterministic non-default random tensors (float32, torch shapes)."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+
+    def normal(self, shape, std: float, mean: float = 0.0) -> np.ndarray:
+        return (mean + std * self.rng.standard_normal(shape)).astype(np.float32)
+
+    def linear(self, out_dim: int, in_dim: int, gain: float = 1.0, bias: bool = True) -> dict[str, np.ndarray]:
+        params = {"weight": self.normal((out_dim, in_dim), gain / np.sqrt(in_dim))}
+        if bias:
+            params["bias"] = self.normal((out_dim,), 0.1)
+        return params
+
+    def norm(self, dim: int, bias: bool) -> dict[str, np.ndarray]:
+        params = {"weight": self.normal((dim,), 0.15, mean=1.0)}
+        if bias:
+            params["bias"] = self.normal((dim,), 0.1)
+        return params
+
+
+def _flatten(prefix: str, tree: dict[str, Any], out: dict[str, np.ndarray]) -> None:
+    for name, value in tree.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if isinstance(value, dict):
+            _flatten(key, value, out)
+        else:
+            out[key] = value
+
+
+QK_GAIN = 2.0  # q and k each scaled ⇒ score std ≈ QK_GAIN², so softmax is far from uniform
+
+
+def random_state_dict(text: dict[str, Any], vision: dict[str, Any], *, seed: int, tie_word_embeddings: bool
+                      ) -> dict[str, np.ndarray]:
+    """All tensors under the key names transformers 5.24 ``save_pretrained`` writes (REFERENCE_NOTES §11.2)."""
+    make = _WeightMaker(seed)
+    vh, vi, p = vision["hidden_size"], vision["intermediate_size"], vision["patch_size"]
+    side = vision["image_size"] // p
+    vision_tree: dict[str, Any] = {
+        "embeddings": {
+            "patch_embedding": {"weight": make.normal((vh, vision["num_channels"], p, p),
+                                                      1 / np.sqrt(vision["num_channels"] * p * p)),
+                                "bias": make.normal((vh,), 0.1)},
+            "position_embedding": {"weight": make.normal((side * side, vh), 0.5)},
+        },
+        "encoder": {"layers": {str(i): {
+            "layer_norm1": make.norm(vh, bias=True),
+            "self_attn": {"q_proj": make.linear(vh, vh, QK_GAIN), "k_proj": make.linear(vh, vh, QK_GAIN),
+                          "v_proj": make.linear(vh, vh), "out_proj": make.linear(vh, vh)},
+            "layer_norm2": make.norm(vh, bias=True),
+            "mlp": {"fc1": make.linear(vi, vh), "fc2": make.linear(vh, vi)},
+        } for i in range(vision["num_hidden_layers"])}},
+        "post_layernorm": make.norm(vh, bias=True),
+    }
+    th, ti, vocab = text["hidden_size"], text["intermediate_size"], text["vocab_size"]
+    head_dim = th // text["num_attention_heads"]
+    kv_dim = head_dim * text["num_key_value_heads"]
+    text_tree: dict[str, Any] = {
+        "embed_tokens": {"weight": make.normal((vocab, th), 1.0)},
+        "layers": {str(i): {
+            "input_layernorm": make.norm(th, bias=False),
+            "self_attn": {"q_proj": make.linear(th, th, QK_GAIN), "k_proj": make.linear(kv_dim, th, QK_GAIN),
+                          "v_proj": make.linear(kv_dim, th),
+                          "o_proj": make.linear(th, th, bias=False)},
+            "post_attention_layernorm": make.norm(th, bias=False),
+            "mlp": {"gate_proj": make.linear(ti, th, bias=False), "up_proj": make.linear(ti, th, bias=False),
+                    "down_proj": make.linear(th, ti, bias=False)},
+        } for i in range(text["num_hidden_layers"])},
+        "norm": make.norm(th, bias=False),
+    }
+    tree: dict[str, Any] = {
+        "image_newline": make.normal((th,), 1.0),
+        "multi_modal_projector": {"linear_1": make.linear(th, vh), "linear_2": make.linear(th, th)},
+        "vision_tower": vision_tree,
+        "language_model": {"model": text_tree},
+    }
+    if not tie_word_embeddings:
+        tree["language_model"]["lm_head"] = {"weight": make.normal((vocab, th), 3 / np.sqrt(th))}
+    flat: dict[str, np.ndarray] = {}
+    _flatten("", tree, flat)
+    return flat
+
+
+def _cast(array: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        import ml_dtypes  # ships with jax
+
+        return array.astype(ml_dtypes.bfloat16)
+    return array.astype(dtype)
+
+
+def _write_json(path: pathlib.Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _hf_config(text: dict[str, Any], vision: dict[str, Any], ids: dict[str, int], *, tie_word_embeddings: bool,
+               vision_feature_layer, vision_aspect_ratio: str, pinpoints, dtype: str) -> dict[str, Any]:
+    """``config.json`` as ``LlavaOnevisionConfig.save_pretrained`` writes it in transformers 5.24."""
+    text_config = {
+        "attention_dropout": 0.0, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+        "hidden_act": "silu", "hidden_size": text["hidden_size"], "initializer_range": 0.02,
+        "intermediate_size": text["intermediate_size"],
+        "layer_types": ["full_attention"] * text["num_hidden_layers"],
+        "max_position_embeddings": text["max_position_embeddings"], "max_window_layers": 28,
+        "model_type": "qwen2", "num_attention_heads": text["num_attention_heads"],
+        "num_hidden_layers": text["num_hidden_layers"], "num_key_value_heads": text["num_key_value_heads"],
+        "pad_token_id": ids["<|endoftext|>"], "rms_norm_eps": text["rms_norm_eps"],
+        "rope_parameters": {"rope_theta": float(text["rope_theta"]), "rope_type": "default"},
+        "sliding_window": None, "tie_word_embeddings": tie_word_embeddings, "use_cache": True,
+        "use_sliding_window": False, "vocab_size": text["vocab_size"],
+    }
+    vision_config = {
+        "attention_dropout": 0.0, "hidden_act": "gelu_pytorch_tanh", "model_type": "siglip_vision_model",
+        "vision_use_head": False, **vision,
+    }
+    return {
+        "architectures": ["LlavaOnevisionForConditionalGeneration"], "dtype": dtype,
+        "image_grid_pinpoints": [list(p) for p in pinpoints], "image_token_index": ids["<image>"],
+        "model_type": "llava_onevision", "multimodal_projector_bias": True, "projector_hidden_act": "gelu",
+        "text_config": text_config, "tie_word_embeddings": tie_word_embeddings,
+        "transformers_version": TRANSFORMERS_VERSION, "video_token_index": ids["<video>"],
+        "vision_aspect_ratio": vision_aspect_ratio, "vision_config": vision_config,
+        "vision_feature_layer": vision_feature_layer, "vision_feature_select_strategy": "full",
+    }
+
+
+def _tokenizer_config(ids: dict[str, int]) -> dict[str, Any]:
+    """``tokenizer_config.json`` in the Qwen2-Instruct / llava-hf form (no BOS, eos im_end, pad endoftext)."""
+    added = {str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                           "single_word": False, "special": True} for t in SPECIAL_TOKENS}
+    return {
+        "add_prefix_space": False, "added_tokens_decoder": added,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "bos_token": None,
+        "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
+        "extra_special_tokens": {}, "model_max_length": 32768, "pad_token": "<|endoftext|>",
+        "processor_class": "LlavaOnevisionProcessor", "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+    }
+
+
+def _image_processor_config(pinpoints) -> dict[str, Any]:
+    return {
+        "do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
+        "image_grid_pinpoints": [list(p) for p in pinpoints], "image_mean": [0.5, 0.5, 0.5],
+        "image_processor_type": "LlavaOnevisionImageProcessor", "image_std": [0.5, 0.5, 0.5],
+        "processor_class": "LlavaOnevisionProcessor", "resample": 3, "rescale_factor": 1 / 255,
+        "size": {"height": 384, "width": 384},
+    }
+
+
+def _video_processor_config() -> dict[str, Any]:
+    return {
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "do_sample_frames": False, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "processor_class": "LlavaOnevisionProcessor", "resample": 3, "rescale_factor": 1 / 255,
+        "size": {"height": 384, "width": 384}, "video_processor_type": "LlavaOnevisionVideoProcessor",
+    }
+
+
+def make_tiny(out_dir, *, seed: int = 0, tie_word_embeddings: bool = False, vision_feature_layer=-1,
+              vision_aspect_ratio: str = "anyres_max_9", image_grid_pinpoints=None, dtype: str = "float32",
+              text_overrides: dict[str, Any] | None = None, vision_overrides: dict[str, Any] | None = None
+              ) -> pathlib.Path:
+    """Write a small random-weight LLaVA-OneVision checkpoint (transformers 5.24 layout) into ``out_dir``.
+
+    ``text_overrides`` / ``vision_overrides`` replace entries of ``TEXT_SIZES`` / ``VISION_SIZES``
+    (e.g. ``{"num_hidden_layers": 4}``); ``vocab_size`` may be overridden but never below the tokenizer.
+    Returns the output directory.
+    """
+    from safetensors.numpy import save_file
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
+    text, vision = dict(TEXT_SIZES), dict(VISION_SIZES)
+    for sizes, overrides, what in ((text, text_overrides, "text"), (vision, vision_overrides, "vision")):
+        unknown = set(overrides or {}) - set(sizes) - ({"vocab_size"} if what == "text" else set())
+        if unknown:
+            raise ValueError(f"unknown {what}_overrides {sorted(unknown)}; allowed: {sorted(sizes)}")
+        sizes.update(overrides or {})
+    pinpoints = [list(p) for p in (image_grid_pinpoints or DEFAULT_PINPOINTS)]
+
+    tokenizer = build_tokenizer()
+    ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    text.setdefault("vocab_size", _round_up(tokenizer.get_vocab_size(), VOCAB_MULTIPLE))
+    if text["vocab_size"] < tokenizer.get_vocab_size():
+        raise ValueError(f"vocab_size {text['vocab_size']} is smaller than the tokenizer ({tokenizer.get_vocab_size()})")
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = random_state_dict(text, vision, seed=seed, tie_word_embeddings=tie_word_embeddings)
+    save_file({k: np.ascontiguousarray(_cast(v, dtype)) for k, v in tensors.items()},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(out / "config.json", _hf_config(
+        text, vision, ids, tie_word_embeddings=tie_word_embeddings, vision_feature_layer=vision_feature_layer,
+        vision_aspect_ratio=vision_aspect_ratio, pinpoints=pinpoints, dtype=dtype))
+    _write_json(out / "generation_config.json", {
+        "_from_model_config": True, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"], "transformers_version": TRANSFORMERS_VERSION})
+    tokenizer.save(str(out / "tokenizer.json"))
+    _write_json(out / "tokenizer_config.json", _tokenizer_config(ids))
+    _write_json(out / "preprocessor_config.json", _image_processor_config(pinpoints))
+    _write_json(out / "video_preprocessor_config.json", _video_processor_config())
+    _write_json(out / "processor_config.json", {
+        "image_token": "<image>", "num_image_tokens": NUM_IMAGE_TOKENS,
+        "processor_class": "LlavaOnevisionProcessor", "video_token": "<video>",
+        "vision_aspect_ratio": vision_aspect_ratio, "vision_feature_select_strategy": "full"})
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return out
