@@ -1,0 +1,1 @@
+"""Pure-function model core (jit these) and the NNX modules that hold the same params."""

@@ -1,0 +1,97 @@
+"""Building blocks shared by the vision tower and the language model.
+
+Pure functions of plain arrays. Weight access goes through :func:`dense` / :func:`project_heads` so
+that a later quantized leaf type only has to be handled here. Norm statistics and softmax run in
+float32 whatever the activation dtype, as in the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+def dense(x: jax.Array, p: dict, *, dtype=None) -> jax.Array:
+    """``x @ kernel + bias`` over the last axis of ``x`` and the first axis of the kernel."""
+    kernel = p["kernel"]
+    dtype = dtype or x.dtype
+    y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=[[x.ndim - 1], [0]])
+    if "bias" in p:
+        y = y + p["bias"].astype(dtype)
+    return y
+
+
+def layer_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
+    """Affine LayerNorm with biased variance; statistics in float32, output in the input dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    y = y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
+    """Qwen2 RMSNorm: normalise in float32, cast back, then multiply by the weight."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + eps)
+    return p["scale"].astype(x.dtype) * y.astype(x.dtype)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """Half-split (NeoX) RoPE cos/sin ``[B, T, head_dim]``: float32 angles, cast to the activation dtype."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x [B, T, heads, hd]`` rotated with ``rotate_half`` (not interleaved pairs)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Grouped-query attention.
+
+    ``q [B, T, nh, hd]``, ``k``/``v`` ``[B, S, nkv, hd]``; query head ``h`` reads kv head
+    ``h // (nh // nkv)``. ``mask [B, T, S]`` (True = may attend) or None. Scores and softmax in
+    float32, the result cast back to the query dtype. Returns ``[B, T, nh, hd]``.
+    """
+    b, t, nh, hd = q.shape
+    nkv = k.shape[2]
+    qg = q.reshape(b, t, nkv, nh // nkv, hd)
+    scores = jnp.einsum("btngd,bsnd->bngts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(hd))
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bngts,bsnd->btngd", probs, v)
+    return out.reshape(b, t, nh, hd)
+
+
+def project_heads(x: jax.Array, p: dict) -> jax.Array:
+    """``x [..., D]`` with kernel ``[D, heads, hd]`` (+ bias ``[heads, hd]``) → ``[..., heads, hd]``."""
+    return dense(x, p)
+
+
+def merge_heads(x: jax.Array, p: dict) -> jax.Array:
+    """``x [B, T, heads, hd]`` with kernel ``[heads, hd, D]`` (+ bias ``[D]``) → ``[B, T, D]``."""
+    y = jnp.einsum("bthd,hdo->bto", x, p["kernel"].astype(x.dtype))
+    if "bias" in p:
+        y = y + p["bias"].astype(x.dtype)
+    return y

@@ -1,0 +1,55 @@
+"""SigLIP vision tower as LLaVA-OneVision uses it: selected hidden state(s), no post-layernorm.
+
+Only the layers up to the deepest selected one are computed (REFERENCE_NOTES §2).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ov_jax.config import OneVisionConfig
+from ov_jax.modeling.layers import attention, dense, gelu_tanh, layer_norm, merge_heads, project_heads
+
+
+def patch_embed(params: dict, pixels: jax.Array, config: OneVisionConfig, dtype) -> jax.Array:
+    """``pixels [N, C, 384, 384]`` (NCHW, as the processor emits) → tokens ``[N, 729, Dv]``.
+
+    The 14×14 stride-14 conv only sees the top-left 378×378 pixels; it is done as one matmul over
+    patches flattened in (ky, kx, c) order, matching the HWIO kernel.
+    """
+    v = config.vision
+    p, s = v.patch_size, v.patches_per_side
+    n = pixels.shape[0]
+    x = pixels[:, :, : s * p, : s * p].astype(dtype)
+    x = x.reshape(n, v.num_channels, s, p, s, p).transpose(0, 2, 4, 3, 5, 1)
+    x = x.reshape(n, s * s, p * p * v.num_channels)
+    kernel = params["patch_embed"]["kernel"].reshape(p * p * v.num_channels, v.hidden_size)
+    x = dense(x, {"kernel": kernel, "bias": params["patch_embed"]["bias"]})
+    return x + params["pos_embed"].astype(dtype)
+
+
+def encoder_layer(x: jax.Array, lp: dict, eps: float) -> jax.Array:
+    """Pre-LN block: bidirectional attention, then tanh-GELU MLP, all projections with bias."""
+    h = layer_norm(x, lp["ln1"], eps)
+    q, k, v = (project_heads(h, lp[name]) for name in ("q", "k", "v"))
+    x = x + merge_heads(attention(q, k, v, mask=None), lp["o"])
+    h = layer_norm(x, lp["ln2"], eps)
+    return x + dense(gelu_tanh(dense(h, lp["fc1"])), lp["fc2"])
+
+
+def vision_features(params: dict, pixels: jax.Array, config: OneVisionConfig, dtype=jnp.float32) -> jax.Array:
+    """Selected hidden state(s) of the tower: ``[N, 729, Dv · len(feature_layers)]``."""
+    eps = config.vision.layer_norm_eps
+    used = config.vision_layers_used
+    layers = params["layers"]
+    if used < config.vision.num_hidden_layers:
+        layers = jax.tree.map(lambda a: a[:used], layers)
+    x = patch_embed(params, pixels, config, dtype)
+    wanted = config.feature_layers
+    if wanted == (used,):
+        x, _ = jax.lax.scan(lambda h, lp: (encoder_layer(h, lp, eps), None), x, layers)
+        return x
+    _, hidden = jax.lax.scan(lambda h, lp: (encoder_layer(h, lp, eps),) * 2, x, layers)
+    states = jnp.concatenate([x[None], hidden], axis=0)  # index i = output of layer i (0 = embeddings)
+    return jnp.concatenate([states[i] for i in wanted], axis=-1)
