@@ -141,8 +141,10 @@ class OneVisionConfig:
             problems.append(
                 f"text heads {t.num_attention_heads} not a multiple of kv heads {t.num_key_value_heads}"
             )
-        if self.vision_feature_select_strategy not in ("full", "default"):
-            problems.append(f"unknown vision_feature_select_strategy {self.vision_feature_select_strategy!r}")
+        if self.vision_feature_select_strategy != "full":
+            problems.append(
+                f"vision_feature_select_strategy {self.vision_feature_select_strategy!r} is not supported: only "
+                "'full' keeps the 27x27 token grid that anyres packing needs (every released checkpoint uses it)")
         for layer in self.feature_layers:
             if not 0 < layer <= v.num_hidden_layers:
                 problems.append(f"vision_feature_layer {self.vision_feature_layer} outside the tower")
