@@ -23,7 +23,7 @@ from ov_jax.config import DEFAULT_PINPOINTS
 
 TRANSFORMERS_VERSION = "5.24.0"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
-NUM_BPE_MERGES = 400
+MAX_BPE_MERGES = 400  # the corpus yields ~340 merges of frequency ≥ 2
 VOCAB_MULTIPLE = 64
 NUM_IMAGE_TOKENS = 729  # (384 // 14) ** 2 for the base tile, as the hub processor_config.json says
 DTYPES = ("float32", "bfloat16", "float16")
@@ -85,21 +85,23 @@ def build_tokenizer():
     """A Qwen2-style byte-level BPE (``tokenizers.Tokenizer``) trained deterministically on the corpus above.
 
     Pipeline = what transformers' ``Qwen2Tokenizer`` builds: NFC, Qwen2 split regex + ByteLevel (no regex,
-    no prefix space), ByteLevel decoder, no BOS. Ids: 256 byte tokens, the merges, then the special tokens.
+    no prefix space), ByteLevel post-processor (offsets only) and decoder, no BOS. Ids: 256 byte tokens, the merges, then the special tokens.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                            trainers)
 
-    tokenizer = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
-                                     fuse_unk=False, byte_fallback=False))
+    tokenizer = Tokenizer(models.BPE())  # the trainer sets the model options (Qwen2's: no unk, "" affixes)
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
     ])
+    tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + NUM_BPE_MERGES, min_frequency=2,
-                                  initial_alphabet=alphabet, show_progress=False, special_tokens=[])
+    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + MAX_BPE_MERGES, min_frequency=2,
+                                  initial_alphabet=alphabet, show_progress=False, special_tokens=[],
+                                  continuing_subword_prefix="", end_of_word_suffix="")
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tokenizer
@@ -141,6 +143,7 @@ def _flatten(prefix: str, tree: dict[str, Any], out: dict[str, np.ndarray]) -> N
 
 
 QK_GAIN = 2.0  # q and k each scaled ⇒ score std ≈ QK_GAIN², so softmax is far from uniform
+EMBED_STD = 0.4  # embeddings and lm_head: logits std ≈ EMBED_STD·sqrt(hidden) ≈ 3, tied or not
 
 
 def random_state_dict(text: dict[str, Any], vision: dict[str, Any], *, seed: int, tie_word_embeddings: bool
@@ -169,7 +172,7 @@ def random_state_dict(text: dict[str, Any], vision: dict[str, Any], *, seed: int
     head_dim = th // text["num_attention_heads"]
     kv_dim = head_dim * text["num_key_value_heads"]
     text_tree: dict[str, Any] = {
-        "embed_tokens": {"weight": make.normal((vocab, th), 1.0)},
+        "embed_tokens": {"weight": make.normal((vocab, th), EMBED_STD)},
         "layers": {str(i): {
             "input_layernorm": make.norm(th, bias=False),
             "self_attn": {"q_proj": make.linear(th, th, QK_GAIN), "k_proj": make.linear(kv_dim, th, QK_GAIN),
@@ -188,7 +191,7 @@ def random_state_dict(text: dict[str, Any], vision: dict[str, Any], *, seed: int
         "language_model": {"model": text_tree},
     }
     if not tie_word_embeddings:
-        tree["language_model"]["lm_head"] = {"weight": make.normal((vocab, th), 3 / np.sqrt(th))}
+        tree["language_model"]["lm_head"] = {"weight": make.normal((vocab, th), EMBED_STD)}
     flat: dict[str, np.ndarray] = {}
     _flatten("", tree, flat)
     return flat
@@ -245,7 +248,7 @@ def _tokenizer_config(ids: dict[str, int]) -> dict[str, Any]:
         "add_prefix_space": False, "added_tokens_decoder": added,
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "bos_token": None,
         "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
-        "extra_special_tokens": {}, "model_max_length": 32768, "pad_token": "<|endoftext|>",
+        "model_max_length": 32768, "pad_token": "<|endoftext|>",
         "processor_class": "LlavaOnevisionProcessor", "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
     }

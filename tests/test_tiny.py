@@ -114,7 +114,7 @@ def test_forward_is_finite_informative_and_attention_is_sharp(fixture, request):
         vision = model.model.vision_tower(inputs["pixel_values"][0], output_attentions=True)
     logits = out.logits[0]
     assert torch.isfinite(logits).all()
-    assert 1.0 < logits.std(-1).mean() and logits.abs().max() < 100
+    assert 1.0 < logits.std(-1).mean() < 10 and logits.abs().max() < 40
     for attention in (*out.attentions, *vision.attentions):  # mean over queries of the largest probability
         assert attention.max(-1).values.mean() > 0.1  # uniform would be < 1/729 (vision) or 1/seq (text)
 
@@ -164,7 +164,7 @@ def test_tokenizer_agrees_with_transformers(tiny_ckpt):
     chat = reference_processor(tiny_ckpt).apply_chat_template(PROMPT_CONVERSATION, add_generation_prompt=True)
     samples = [
         "The cat is sitting on the wooden table.",
-        "Café naïve 你好，世界! e\u0301 (NFC) 12345 it's   spaced\n\nlines\t",
+        "Café naïve 你好，世界! e\u0301 (NFC) 12345 it's 'sup THEY'LL   spaced\n\nlines\t",
         "<|im_start|>user\n<image><image>\n<video>\nDescribe.<|im_end|>\n<|endoftext|>",
         chat,
     ]
@@ -173,7 +173,22 @@ def test_tokenizer_agrees_with_transformers(tiny_ckpt):
         assert ours.encode(text).ids == expected, text
         assert ours.decode(expected, skip_special_tokens=False) == theirs.decode(expected)
     assert len(ours.encode("The cat is sitting").ids) < len("The cat is sitting") / 2  # merges are real
+    assert len(json.loads(ours.to_str())["model"]["merges"]) > 300
     assert ours.encode("<image><image>").ids == [ids["<image>"]] * 2
+
+
+def test_tokenizer_pipeline_is_the_one_transformers_builds(tiny_ckpt):
+    """Qwen2Tokenizer rebuilds its own pipeline from vocab + merges; ours must be that pipeline."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    ours = json.loads(Tokenizer.from_file(str(tiny_ckpt / "tokenizer.json")).to_str())
+    theirs = json.loads(AutoTokenizer.from_pretrained(tiny_ckpt).backend_tokenizer.to_str())
+    for part in ("normalizer", "decoder", "model", "added_tokens"):
+        assert ours[part] == theirs[part], part
+    for pre_tokenizer in (ours["pre_tokenizer"], theirs["pre_tokenizer"]):  # trim_offsets only changes offsets
+        pre_tokenizer["pretokenizers"][1].pop("trim_offsets")
+    assert ours["pre_tokenizer"] == theirs["pre_tokenizer"]
 
 
 def test_ov_jax_parses_the_config(tiny_ckpt, tiny_ckpt_tied):
@@ -188,7 +203,7 @@ def test_ov_jax_parses_the_config(tiny_ckpt, tiny_ckpt_tied):
 
 def test_options_reach_the_files(tmp_path):
     path = make_tiny(tmp_path, vision_feature_layer=-2, vision_aspect_ratio="anyres_max_4",
-                     image_grid_pinpoints=[[384, 384], [384, 768]], dtype="float16",
+                     image_grid_pinpoints=[[384, 384], [384, 768]],
                      text_overrides={"num_hidden_layers": 3}, vision_overrides={"num_hidden_layers": 4})
     config = load_config(path).validate()
     assert config.vision_layers_used == 3 and config.anyres_max == 4 and config.text.num_hidden_layers == 3
@@ -197,10 +212,20 @@ def test_options_reach_the_files(tmp_path):
     assert preprocessor["image_grid_pinpoints"] == [[384, 384], [384, 768]]
     assert json.loads((path / "processor_config.json").read_text())["vision_aspect_ratio"] == "anyres_max_4"
     tensors, _ = _file_tensors(path)
-    assert all(v.dtype == np.float16 for v in tensors.values())
     assert "vision_tower.encoder.layers.3.mlp.fc2.bias" in tensors
+    assert "language_model.model.layers.2.mlp.up_proj.weight" in tensors
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_files_load_as_that_dtype(dtype, tmp_path):
+    path = make_tiny(tmp_path, dtype=dtype)
+    assert json.loads((path / "config.json").read_text())["dtype"] == dtype
     model, info = _load_hf(path)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and model.dtype == torch.float16
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert model.dtype == getattr(torch, dtype)
+    reference, _ = _load_hf(make_tiny(tmp_path / "f32"))
+    for (name, ours), (_, theirs) in zip(model.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(ours.float(), theirs.to(ours.dtype).float(), rtol=0, atol=0, msg=name)
 
 
 def test_bad_arguments_are_rejected(tmp_path):
