@@ -27,6 +27,8 @@ MAX_BPE_MERGES = 400  # the corpus yields ~340 merges of frequency ≥ 2
 VOCAB_MULTIPLE = 64
 NUM_IMAGE_TOKENS = 729  # (384 // 14) ** 2 for the base tile, as the hub processor_config.json says
 DTYPES = ("float32", "bfloat16", "float16")
+QK_GAIN = 2.0  # q and k each scaled ⇒ score std ≈ QK_GAIN², so softmax is far from uniform
+EMBED_STD = 0.4  # embeddings and lm_head: logits std ≈ EMBED_STD·sqrt(hidden) ≈ 3, tied or not
 
 # Qwen2's pre-tokenizer split pattern (transformers' tokenization_qwen2.PRETOKENIZE_REGEX).
 QWEN2_SPLIT_REGEX = (
@@ -84,8 +86,9 @@ def _corpus() -> list[str]:
 def build_tokenizer():
     """A Qwen2-style byte-level BPE (``tokenizers.Tokenizer``) trained deterministically on the corpus above.
 
-    Pipeline = what transformers' ``Qwen2Tokenizer`` builds: NFC, Qwen2 split regex + ByteLevel (no regex,
-    no prefix space), ByteLevel post-processor (offsets only) and decoder, no BOS. Ids: 256 byte tokens, the merges, then the special tokens.
+    Pipeline = what transformers' ``Qwen2Tokenizer`` builds (and Qwen2's hub tokenizer.json holds): NFC, Qwen2
+    split regex + ByteLevel (no regex, no prefix space), ByteLevel post-processor (offsets only) and decoder,
+    no BOS. Ids: 256 byte tokens, the merges, then the special tokens in ``SPECIAL_TOKENS`` order.
     """
     from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
                             trainers)
@@ -141,9 +144,6 @@ def _flatten(prefix: str, tree: dict[str, Any], out: dict[str, np.ndarray]) -> N
         else:
             out[key] = value
 
-
-QK_GAIN = 2.0  # q and k each scaled ⇒ score std ≈ QK_GAIN², so softmax is far from uniform
-EMBED_STD = 0.4  # embeddings and lm_head: logits std ≈ EMBED_STD·sqrt(hidden) ≈ 3, tied or not
 
 
 def random_state_dict(text: dict[str, Any], vision: dict[str, Any], *, seed: int, tie_word_embeddings: bool

@@ -1,6 +1,8 @@
 """ov_jax.tiny writes checkpoints that transformers 5.24 and ov_jax both read as intended."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -226,6 +228,27 @@ def test_low_precision_files_load_as_that_dtype(dtype, tmp_path):
     reference, _ = _load_hf(make_tiny(tmp_path / "f32"))
     for (name, ours), (_, theirs) in zip(model.state_dict().items(), reference.state_dict().items()):
         torch.testing.assert_close(ours.float(), theirs.to(ours.dtype).float(), rtol=0, atol=0, msg=name)
+
+
+def test_make_tiny_runs_without_torch_or_transformers(tmp_path):
+    """The CLI's make-tiny must work on an install without the test extras."""
+    code = (
+        "import sys; sys.modules.update(torch=None, transformers=None)\n"
+        "from ov_jax.tiny import make_tiny\n"
+        "make_tiny(sys.argv[1], dtype='bfloat16')"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    assert (tmp_path / "model.safetensors").stat().st_size > 100_000
+
+
+def test_generation_config_matches_the_tokenizer(tiny_ckpt):
+    from transformers import GenerationConfig
+
+    generation = GenerationConfig.from_pretrained(tiny_ckpt)
+    vocab = json.loads((tiny_ckpt / "tokenizer.json").read_text())["added_tokens"]
+    ids = {t["content"]: t["id"] for t in vocab}
+    assert generation.eos_token_id == ids["<|im_end|>"]
+    assert generation.pad_token_id == generation.bos_token_id == ids["<|endoftext|>"]
 
 
 def test_bad_arguments_are_rejected(tmp_path):
