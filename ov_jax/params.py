@@ -104,8 +104,8 @@ def param_specs(config: OneVisionConfig) -> dict[str, Any]:
     }
     bias = config.multimodal_projector_bias
     projector = {
-        "linear_1": _dense(config.projector_in_dim, t.hidden_size, "vision_embed", "embed", bias=bias),
-        "linear_2": _dense(t.hidden_size, t.hidden_size, "embed", "embed", bias=bias),
+        "linear_1": _dense(config.projector_in_dim, t.hidden_size, "vision_embed", "mlp", bias=bias),
+        "linear_2": _dense(t.hidden_size, t.hidden_size, "mlp", "embed", bias=bias),
     }
     text = {
         "embed": ParamSpec((t.vocab_size, t.hidden_size), ("vocab", "embed")),
