@@ -1,0 +1,89 @@
+"""Read a checkpoint's processor files in either layout transformers writes.
+
+Hub checkpoints (written by transformers 4.4x) keep separate ``preprocessor_config.json``,
+``video_preprocessor_config.json``, ``processor_config.json`` and ``chat_template.json``; transformers 5.x
+``save_pretrained`` writes one ``processor_config.json`` with nested ``image_processor`` /
+``video_processor`` sections and a ``chat_template.jinja``. The lookup order below is transformers'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+PROCESSOR_FILE = "processor_config.json"
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
+VIDEO_PROCESSOR_FILE = "video_preprocessor_config.json"
+CHAT_TEMPLATE_JSON = "chat_template.json"
+CHAT_TEMPLATE_JINJA = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "chat_templates"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# What from_pretrained fetches from the Hub (no weights).
+PROCESSOR_FILE_PATTERNS = ("*.json", "*.jinja", f"{CHAT_TEMPLATE_DIR}/*.jinja")
+
+
+@dataclasses.dataclass
+class ProcessorFiles:
+    """The parsed configuration of a checkpoint's processor."""
+
+    processor: dict[str, Any]  # top-level processor fields (num_image_tokens, vision_aspect_ratio, ...)
+    image_processor: dict[str, Any]
+    video_processor: dict[str, Any]
+    tokenizer_config: dict[str, Any]
+    chat_template: str | dict[str, str] | None
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _template_from_tokenizer_config(value: Any) -> str | dict[str, str] | None:
+    """tokenizer_config's ``chat_template``: a string or a list of ``{"name", "template"}`` entries."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return {entry["name"]: entry["template"] for entry in value}
+    if isinstance(value, dict):
+        return dict(value)
+    raise ValueError(f"cannot read chat_template of type {type(value).__name__} from {TOKENIZER_CONFIG_FILE}")
+
+
+def read_processor_files(directory: str | pathlib.Path) -> ProcessorFiles:
+    """Parse every processor file in ``directory`` (nested sections take priority over separate files)."""
+    directory = pathlib.Path(directory)
+    processor = _read_json(directory / PROCESSOR_FILE) or {}
+    image_file = _read_json(directory / IMAGE_PROCESSOR_FILE)
+    video_file = _read_json(directory / VIDEO_PROCESSOR_FILE)
+    image_processor = processor.pop("image_processor", None) or image_file
+    if image_processor is None:
+        raise FileNotFoundError(
+            f"{directory} has no image processor configuration: expected {IMAGE_PROCESSOR_FILE} or an "
+            f"'image_processor' section in {PROCESSOR_FILE}"
+        )
+    # transformers falls back to the image processor file for the video processor.
+    video_processor = processor.pop("video_processor", None) or video_file or image_file or image_processor
+    tokenizer_config = _read_json(directory / TOKENIZER_CONFIG_FILE) or {}
+
+    chat_template: str | dict[str, str] | None = processor.pop("chat_template", None)
+    if chat_template is None:
+        template_json = _read_json(directory / CHAT_TEMPLATE_JSON)
+        named = {p.stem: p.read_text(encoding="utf-8") for p in sorted((directory / CHAT_TEMPLATE_DIR).glob("*.jinja"))}
+        if template_json is not None:
+            chat_template = template_json.get("chat_template")
+        else:
+            if (directory / CHAT_TEMPLATE_JINJA).is_file():
+                named["default"] = (directory / CHAT_TEMPLATE_JINJA).read_text(encoding="utf-8")
+            chat_template = (named["default"] if list(named) == ["default"] else named) or None
+    if chat_template is None:
+        chat_template = _template_from_tokenizer_config(tokenizer_config.get("chat_template"))
+    return ProcessorFiles(processor, dict(image_processor), dict(video_processor), tokenizer_config, chat_template)
