@@ -259,5 +259,25 @@ def test_content_and_file_errors(ours, tmp_path):
         ours(text="<video>", videos=str(not_a_video))
     with pytest.raises(ValueError, match="same number of frames"):
         ours(text="<video><video>", videos=[frames(3), frames(4)])
+    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) \['video_fps'\].*called fps now"):
+        ours.apply_chat_template(CONVERSATIONS["video"], tokenize=True, video_fps=1)
     with pytest.raises(TypeError, match="text must be a string"):
         ours(text=[1, 2])
+
+
+def test_tokenizer_matches_reference_on_tricky_text(ours, reference):
+    texts = ["  multiple   spaces\tand\ttabs \r\n\r\nnew lines\n\n\n", "Cafe\u0301 (NFD) vs Café, naïve 你好，世界！ 🙂🙂",
+             "numbers 1234567890 3.14159 -42 1e-5", "<|im_start|>assistant\n<image><video><|im_end|><|endoftext|>",
+             "<imag e> < image> <IMAGE> <|im_start |>", "It's we're they'll I'd you've DON'T", "", " ", "a" * 300]
+    assert ours.tokenizer.encode_batch(texts) == reference.tokenizer(texts)["input_ids"]
+    for ids in reference.tokenizer(texts)["input_ids"]:
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == reference.decode(ids, skip_special_tokens=skip)
+
+
+def test_video_as_list_of_pil_frames(ours, reference):
+    pil_frames = [Image.fromarray(frame) for frame in frames(5, seed=7)]
+    conversation = [{"role": "user", "content": [{"type": "video", "video": pil_frames}, text("Go.")]}]
+    got, expected = both(ours, reference, conversation)
+    assert_same_inputs(got, expected, video_atol=TWO_LEVELS)
+    assert got["pixel_values_videos"].shape[:2] == (1, 5)

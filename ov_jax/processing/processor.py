@@ -10,6 +10,7 @@ Outputs carry transformers' names and meanings, so either side's inputs feed eit
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import re
@@ -339,6 +340,11 @@ class LlavaOnevisionProcessor:
                                                        or call_kwargs.get("fps") is not None):
             call_kwargs["do_sample_frames"] = True
         call_kwargs.setdefault("return_tensors", return_tensors)
+        unknown = sorted(set(call_kwargs) - set(inspect.signature(self.__call__).parameters))
+        if unknown:
+            hint = " (transformers 4.4x's video_fps is called fps now)" if "video_fps" in unknown else ""
+            raise TypeError(f"unknown keyword argument(s) {unknown}: neither the chat template nor the processor "
+                            f"reads them{hint}")
         outputs = self(
             text=prompts,
             images=batch_images if any(batch_images) else None,
