@@ -1,0 +1,1 @@
+"""Checkpoint conversion entry points (``python -m convert.convert_checkpoint``, ``ov-jax convert``)."""
