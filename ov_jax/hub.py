@@ -64,6 +64,6 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, allow_patterns: Sequence[s
         raise FileNotFoundError(
             f"cannot fetch {text!r}: {why} and it is not in the local Hugging Face cache. "
             "Download the checkpoint elsewhere and pass its local directory instead "
-            f"(e.g. LlavaOnevisionProcessor.from_pretrained('/path/to/checkpoint')). [{type(err).__name__}]"
+            f"(every ov_jax from_pretrained accepts '/path/to/checkpoint'). [{type(err).__name__}]"
         ) from None
     return pathlib.Path(snapshot)

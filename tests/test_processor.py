@@ -205,6 +205,8 @@ def test_output_forms(ours, reference):
     assert isinstance(lists["input_ids"][0], list) and len(lists["input_ids"][1]) != len(lists["input_ids"][0])
     assert lists.input_ids is lists["input_ids"]  # attribute access
     assert ours(text="x" * 7, padding="max_length", max_length=12)["input_ids"].shape == (1, 12)
+    as_jax = ours(text="<image>hi", images=image(30, 40), return_tensors="jax")
+    assert type(as_jax["pixel_values"]).__module__.startswith("jax") and as_jax["input_ids"].shape[0] == 1
 
 
 def test_decode_matches_reference(ours, reference):
