@@ -50,6 +50,17 @@ def _as_int_array(x, name: str) -> np.ndarray:
     return a
 
 
+def _is_converted(path: os.PathLike) -> bool:
+    """A directory written by ``ov-jax convert`` (its config.json carries our own ``ov_jax`` section)."""
+    import json
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return "ov_jax" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
 class LlavaOnevision:
     """LLaVA-OneVision in JAX. Build with :meth:`from_pretrained` or :meth:`from_params`."""
 
@@ -68,14 +79,16 @@ class LlavaOnevision:
     def from_pretrained(cls, path_or_id: str | os.PathLike, dtype: Any = jnp.float32, mesh: Any = None,
                         **kwargs) -> "LlavaOnevision":
         """Load a transformers checkpoint directory, a converted orbax directory, or a hub id."""
-        from ov_jax import checkpoint, loading
+        from ov_jax import loading
         from ov_jax.hub import resolve_checkpoint
 
         dtype = resolve_dtype(dtype)
         path = resolve_checkpoint(path_or_id)
         if mesh is not None:
             raise NotImplementedError("loading onto a mesh is not available yet")
-        if checkpoint.is_orbax_checkpoint(path):
+        if _is_converted(path):
+            from ov_jax import checkpoint
+
             config, params = checkpoint.load_orbax(path, dtype=dtype, **kwargs)
         else:
             config, params = loading.load_params(path, dtype=dtype, **kwargs)
@@ -110,3 +123,24 @@ class LlavaOnevision:
         if labels is not None:
             loss = llava.causal_lm_loss(logits, jnp.asarray(_as_int_array(labels, "labels")))
         return OneVisionOutput(logits=logits, loss=loss)
+
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,
+                 pixel_values_videos=None, max_new_tokens: int = 256, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 stop_token_ids=None, streamer=None) -> np.ndarray:
+        """New token ids ``[B, max_new_tokens]``: each row to its stop token (kept), then pad. See `ov_jax.engine`."""
+        from ov_jax.engine import engine_for
+
+        return engine_for(self).generate(
+            input_ids, attention_mask, pixel_values, image_sizes, batch_num_images, pixel_values_videos,
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, stop_token_ids=stop_token_ids, streamer=streamer)
+
+    def warmup(self, buckets=None, *, layout=None, loop=None, **options):
+        """Precompile the engine's buckets (``ov_jax.engine.Buckets``) with a progress bar; returns the
+        per-executable compile times. ``buckets``/``layout``/``loop`` reconfigure the engine first;
+        ``options`` go to ``Engine.warmup`` (batch_sizes, prompt_lengths, sampling, compilation_cache_dir …)."""
+        from ov_jax.engine import engine_for
+
+        engine_options = {k: v for k, v in (("layout", layout), ("loop", loop)) if v is not None}
+        return engine_for(self, buckets, **engine_options).warmup(**options)

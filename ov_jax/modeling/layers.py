@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 
@@ -51,9 +52,14 @@ def gelu_exact(x: jax.Array) -> jax.Array:
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
-    """Half-split (NeoX) RoPE cos/sin ``[B, T, head_dim]``: float32 angles, cast to the activation dtype."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    """Half-split (NeoX) RoPE cos/sin ``[B, T, head_dim]``: float32 angles, cast to the activation dtype.
+
+    The inverse frequencies are a host constant computed as torch does (float32 power): XLA's fused
+    in-graph power is a few ulp off, which position ~6k turns into 1e-4 logit errors.
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponents)).astype(np.float32)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     emb = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
