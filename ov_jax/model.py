@@ -78,14 +78,23 @@ class LlavaOnevision:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, dtype: Any = jnp.float32, mesh: Any = None,
                         **kwargs) -> "LlavaOnevision":
-        """Load a transformers checkpoint directory, a converted orbax directory, or a hub id."""
+        """Load a transformers checkpoint directory, a converted orbax directory, or a hub id.
+
+        ``mesh``: a ``jax.sharding.Mesh`` with axes data / fsdp / tensor, a string such as ``"data=2,tensor=4"``
+        or a preset name (`ov_jax.sharding`); each device then reads only its own slices of the weights.
+        """
         from ov_jax import loading
         from ov_jax.hub import resolve_checkpoint
 
         dtype = resolve_dtype(dtype)
         path = resolve_checkpoint(path_or_id)
         if mesh is not None:
-            raise NotImplementedError("loading onto a mesh is not available yet")
+            from ov_jax import sharding
+            from ov_jax.config import load_config
+
+            mesh = sharding.make_mesh(mesh)
+            config = load_config(path) if _is_converted(path) else loading.checkpoint_config(path)
+            kwargs["shardings"] = sharding.param_shardings(config, mesh)
         if _is_converted(path):
             from ov_jax import checkpoint
 

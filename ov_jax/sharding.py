@@ -63,7 +63,8 @@ ACTIVATION_AXES: dict[str, tuple[str | None, ...]] = {
     "taps": ("batch", "length", None),  # media-plan gather indices / weights  [B, T, 4]
     "tower_inputs": ("tiles", None, None, None),  # tiles and frames  [N, C, H, W]
     "tower_tokens": ("tiles", None, None),  # tower / projector output  [N, 729, D]
-    "cache": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
+    "cache": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),  # stacked [L, B, S, nkv, hd]
+    "layer_cache": ("batch", "kv_heads", "cache_length", "head_dim"),  # one layer, heads-major [B, nkv, S, hd]
     "batch_vector": ("batch",),  # per-row scalars: lengths, finished flags, rng  [B]
 }
 
@@ -325,6 +326,23 @@ def cache_sharding(config: OneVisionConfig, mesh: Mesh, batch: int, length: int,
     return activation_sharding(mesh, "cache", shape, rules)
 
 
+def kv_cache_shardings(config: OneVisionConfig, mesh: Mesh, batch: int, length: int, layout: str = "scanned",
+                       rules: Mapping[str, Sequence[str]] | None = None) -> Any:
+    """``KVCache`` of shardings for the engine's cache layouts: ``"scanned"`` (one stacked ``[L, B, S, nkv, hd]``
+    array each for k and v) or ``"unrolled"`` (a tuple of per-layer heads-major ``[B, nkv, S, hd]`` arrays)."""
+    from ov_jax.modeling.qwen2 import KVCache
+
+    t = config.text
+    if layout == "scanned":
+        one = cache_sharding(config, mesh, batch, length, rules)
+        return KVCache(one, one)
+    if layout == "unrolled":
+        one = activation_sharding(mesh, "layer_cache", (batch, t.num_key_value_heads, length, t.head_dim), rules)
+        layers = (one,) * t.num_hidden_layers
+        return KVCache(layers, layers)
+    raise ValueError(f"unknown cache layout {layout!r}; expected 'scanned' or 'unrolled'")
+
+
 def constrain(x: jax.Array, mesh: Mesh | None, kind: str | Sequence[str | None],
               rules: Mapping[str, Sequence[str]] | None = None) -> jax.Array:
     """``with_sharding_constraint`` by logical names inside jit; a no-op without a mesh."""
@@ -340,6 +358,47 @@ def axis_multiple(mesh: Mesh | None, logical: str, rules: Mapping[str, Sequence[
         return 1
     rules = LOGICAL_RULES if rules is None else rules
     return math.prod(mesh.shape.get(a, 1) for a in rules[logical])
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+    """The mesh a params tree is placed on (None for single-device or host arrays; error if several)."""
+    meshes = {id(x.sharding.mesh): x.sharding.mesh for x in jax.tree.leaves(tree)
+              if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)}
+    if len(meshes) > 1:
+        raise MeshError("the params are placed on several different meshes")
+    return next(iter(meshes.values()), None)
+
+
+def spec(shape: Sequence[int], dtype: Any, mesh: Mesh | None, kind: str | Sequence[str | None] | None = None
+         ) -> jax.ShapeDtypeStruct:
+    """An abstract input for AOT compilation, sharded by logical ``kind`` when there is a mesh (``kind`` None:
+    replicated over the mesh; without a mesh: no sharding, i.e. the default device)."""
+    if kind is None:
+        kind = (None,) * len(shape)
+    sharding = None if mesh is None else activation_sharding(mesh, kind, shape)
+    return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=sharding)
+
+
+def conform(args: Any, shardings: Any) -> Any:
+    """Move every array of ``args`` to its ``shardings`` leaf (no-op where it already is there); host arrays
+    are placed with :func:`put_global`. Used to chain AOT executables whose output and input layouts differ."""
+    def move(x, s):
+        if isinstance(x, jax.Array):
+            return x if x.sharding == s else jax.device_put(x, s)
+        return put_global(x, s) if isinstance(s, NamedSharding) else x
+
+    return jax.tree.map(move, args, shardings)
+
+
+def sharded_call(compiled: Any) -> Any:
+    """Wrap an AOT-compiled executable so its arguments are first conformed to its input shardings."""
+    in_shardings, _ = compiled.input_shardings
+
+    def call(*args):
+        return compiled(*conform(args, tuple(in_shardings)))
+
+    call.compiled = compiled
+    return call
 
 
 def put_global(x: Any, sharding: NamedSharding) -> jax.Array:

@@ -105,6 +105,10 @@ def test_cache_sharding_keeps_kv_heads_whole_when_tensor_exceeds_them():
     assert sh.cache_sharding(cfg, sh.make_mesh("data=2,tensor=4"), 8, 64).spec == P(None, "data")
     assert sh.cache_sharding(cfg, sh.make_mesh("data=2,tensor=4"), 1, 64).spec == P()
     assert sh.axis_multiple(sh.make_mesh("data=2,tensor=4"), "tiles") == 2
+    per_layer = sh.kv_cache_shardings(cfg, sh.make_mesh("data=4,tensor=2"), 8, 64, layout="unrolled")
+    assert len(per_layer.k) == cfg.text.num_hidden_layers and per_layer.v[0].spec == P("data", "tensor")
+    with pytest.raises(ValueError, match="unknown cache layout"):
+        sh.kv_cache_shardings(cfg, sh.make_mesh("data=8"), 8, 64, layout="paged")
 
 
 # --- abstract 7B / 72B: every large tensor sharded -------------------------------------------------------------

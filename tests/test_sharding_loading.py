@@ -105,3 +105,22 @@ def test_orbax_restores_into_target_shardings(shardable_ckpt, unsharded, tmp_pat
         assert got[name].sharding == want[name], name
         for shard in got[name].addressable_shards:
             np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(x)[shard.index], err_msg=name)
+
+
+@pytest.mark.parametrize("source", ["safetensors", "orbax"])
+def test_from_pretrained_onto_a_mesh(shardable_ckpt, unsharded, tmp_path, source):
+    from ov_jax import checkpoint
+    from ov_jax.model import LlavaOnevision
+
+    path = shardable_ckpt
+    if source == "orbax":
+        path = checkpoint.save_orbax(unsharded[1], unsharded[0], tmp_path / "converted", files_from=shardable_ckpt)
+    model = LlavaOnevision.from_pretrained(path, mesh=MESH)
+    mesh = sh.mesh_of(model.params)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert model.params["text"]["layers"]["up"]["kernel"].sharding.spec == P(None, None, "tensor")
+    assert model.params["text"]["layers"]["k"]["kernel"].sharding.spec == P()  # 2 KV heads < tensor=4
+
+    reference = LlavaOnevision.from_params(*unsharded)
+    ids = np.random.default_rng(0).integers(1, 200, (2, 9))
+    np.testing.assert_allclose(np.asarray(model(ids).logits), np.asarray(reference(ids).logits), atol=1e-5, rtol=0)
