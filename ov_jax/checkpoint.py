@@ -213,7 +213,7 @@ def load_orbax(path: str | os.PathLike, dtype: Any = None, shardings: Any = None
     ``shardings`` (a pytree of ``jax.sharding.Sharding`` matching the params) restores every array
     straight into its target sharding: each device reads only its own slice.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # orbax needs absolute paths
     if not is_orbax_checkpoint(path):
         raise CheckpointError(f"{path} is not a converted ov_jax checkpoint (needs {CONFIG_FILE} with an "
                               f"'ov_jax' entry and a {PARAMS_DIR}/ directory)")
