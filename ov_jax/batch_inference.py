@@ -266,25 +266,54 @@ def make_generate_fn(model: Any, processor: Any, *, max_new_tokens: int = 128, n
     """``infer(records)`` that renders the chat template, runs ``model.generate`` on the whole batch and
     decodes the new tokens. A request's own ``max_new_tokens`` caps its answer (the batch runs to the largest)."""
 
-    def infer(records: list[Record]) -> list[Record]:
+    def infer(records: list[Record]) -> list[str]:
         conversations = [request_conversation(r, media_root) for r in records]
         frames = {"num_frames": num_frames} if num_frames is not None else {}
         inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
                                                return_dict=True, **frames)
         limits = [int(r.get("max_new_tokens", max_new_tokens)) for r in records]
         tokens = np.asarray(model.generate(**inputs, max_new_tokens=max(limits), **generate_kwargs))
-        answers = processor.batch_decode([row[:limit] for row, limit in zip(tokens.tolist(), limits)],
-                                         skip_special_tokens=True)
-        return [{"answer": a, "num_tokens": len(_until_stop(row[:limit], model))}
-                for a, row, limit in zip(answers, tokens.tolist(), limits)]
+        return processor.batch_decode([row[:limit] for row, limit in zip(tokens.tolist(), limits)],
+                                      skip_special_tokens=True)
 
     return infer
 
 
-def _until_stop(row: list[int], model: Any) -> list[int]:
-    """Generated ids up to and including the first stop token (the rest is padding)."""
-    stop = getattr(model, "stop_token_ids", None) or ()
-    for i, token in enumerate(row):
-        if token in stop:
-            return row[:i + 1]
-    return row
+def add_arguments(parser) -> None:
+    """Flags of the batch command (shared by ``python -m ov_jax.batch_inference`` and the CLI)."""
+    parser.add_argument("--model", required=True, help="checkpoint directory, converted directory or hub id")
+    parser.add_argument("--input", required=True, help="requests jsonl (id, prompt / messages, images, video)")
+    parser.add_argument("--output", required=True, help="answers jsonl; an existing file is resumed")
+    parser.add_argument("--mesh", help="device mesh: 'data=2,tensor=4', a preset (72b-tp8...) or a .json file")
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--num-frames", type=int, default=8, help="frames sampled per video (default 8)")
+    parser.add_argument("--media-root", help="directory relative media paths resolve against (default: the input's)")
+    parser.add_argument("--retry-errors", action="store_true", help="re-run requests whose result was an error")
+    parser.add_argument("--coordinator", help="multi-host: host:port of process 0 (or OV_JAX_COORDINATOR)")
+    parser.add_argument("--num-processes", type=int, help="multi-host: process count (or OV_JAX_NUM_PROCESSES)")
+    parser.add_argument("--process-id", type=int, help="multi-host: this process (or OV_JAX_PROCESS_ID)")
+
+
+def run_from_args(args) -> BatchSummary:
+    """Start multi-host if asked, load processor and model onto the mesh, answer the dataset."""
+    distributed.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    from ov_jax.model import LlavaOnevision
+    from ov_jax.processing.processor import LlavaOnevisionProcessor
+
+    processor = LlavaOnevisionProcessor.from_pretrained(args.model)
+    model = LlavaOnevision.from_pretrained(args.model, dtype=args.dtype, mesh=args.mesh)
+    media_root = args.media_root or os.path.dirname(os.path.abspath(args.input))
+    infer = make_generate_fn(model, processor, max_new_tokens=args.max_new_tokens, num_frames=args.num_frames,
+                             media_root=media_root)
+    return run_batch_inference(args.input, args.output, infer, batch_size=args.batch_size,
+                               retry_errors=args.retry_errors, progress=True)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    cli = argparse.ArgumentParser(prog="python -m ov_jax.batch_inference", description=__doc__.split("\n")[0])
+    add_arguments(cli)
+    print(run_from_args(cli.parse_args()))

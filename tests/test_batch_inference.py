@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 
 from ov_jax.batch_inference import (RequestFileError, ResultWriter, finished_ids, read_requests, repair_torn_tail,
@@ -167,3 +168,47 @@ def test_request_conversation_builds_one_user_turn(tmp_path):
     assert request_conversation({"messages": messages}) is messages
     with pytest.raises(ValueError, match="neither 'messages' nor a string 'prompt'"):
         request_conversation({"id": 5})
+
+
+# --- the real thing: processor + model.generate on a tiny checkpoint -------------------------------------------
+
+
+def test_real_model_batch_answers_match_single_requests_and_resume(tiny_ckpt, tmp_path):
+    from PIL import Image
+
+    from ov_jax.batch_inference import make_generate_fn
+    from ov_jax.engine import Buckets, engine_for
+    from ov_jax.model import LlavaOnevision
+    from ov_jax.processing.processor import LlavaOnevisionProcessor
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(tmp_path / "cat.png")
+    requests = [
+        {"id": "img", "prompt": "What is shown in this image?", "images": ["cat.png"], "max_new_tokens": 6},
+        {"id": "txt", "prompt": "Describe the video in detail."},
+        {"id": "short", "prompt": "How many objects are there?", "max_new_tokens": 3},
+    ]
+    path = tmp_path / "requests.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    processor = LlavaOnevisionProcessor.from_pretrained(tiny_ckpt)
+    model = LlavaOnevision.from_pretrained(tiny_ckpt)
+    engine_for(model, Buckets(batch=(1, 2), prompt=(64, 2048), cache=(2112,)))
+    infer = make_generate_fn(model, processor, max_new_tokens=8, media_root=tmp_path)
+
+    singles = [infer([r])[0] for r in requests]
+    assert len(singles[1].split()) > 1 and singles[0] != singles[1]
+
+    results = tmp_path / "answers.jsonl"
+    calls = []
+
+    def interrupt_after_first_batch(records):
+        if calls:
+            raise Interrupted()
+        calls.append(len(records))
+        return infer(records)
+
+    with pytest.raises(Interrupted):
+        run_batch_inference(path, results, interrupt_after_first_batch, batch_size=2)
+    summary = run_batch_inference(path, results, infer, batch_size=2)
+    assert (summary.already_done, summary.answered) == (2, 1)
+    assert _results(results) == [{"id": r["id"], "answer": a} for r, a in zip(requests, singles)]
