@@ -13,11 +13,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ov_jax import sharding as sh
-from ov_jax.engine import Buckets, Engine, engine_for
 from ov_jax.geometry import video_token_count
 from ov_jax.model import LlavaOnevision
 from ov_jax.tiny import make_tiny
 
+engine = pytest.importorskip("ov_jax.engine")
+Buckets, Engine, engine_for = engine.Buckets, engine.Engine, engine.engine_for
 pytestmark = pytest.mark.skipif("mesh" not in inspect.signature(Engine).parameters,
                                 reason="the engine does not take a mesh yet")
 
