@@ -1,0 +1,243 @@
+"""Device functions of the engine: media encoding, prefill, decode. Pure functions of a params dict.
+
+Shapes depend only on buckets. Two KV-cache layouts:
+
+* ``"scanned"``: one ``qwen2.KVCache`` ``[L, B, S, nkv, hd]``; decode is ``qwen2.decoder`` (``lax.scan``
+  over the stacked layer weights). Right for accelerators, where the scan's per-layer weight slice is free.
+* ``"unrolled"``: per-layer caches ``[B, nkv, S, hd]`` and a Python loop over per-layer weight arrays.
+  On CPU a scan copies every layer's weights out of the stack on each step (measured 5x slower decode)
+  and the ``[B, S, nkv, hd]`` cache layout turns decode attention into slow batched matvecs; per-layer
+  arrays (zero-copy views of the stacked ones on CPU, see :func:`split_layers`) and a heads-major
+  cache avoid both.
+
+Prefill always runs the reference path (``qwen2.decoder`` with a prompt-length cache), so its
+numerics are the model's; decode reuses the same building blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ov_jax.config import OneVisionConfig
+from ov_jax.engine.sampling import SamplingMode, choose_tokens
+from ov_jax.media_plan import NEWLINE_ROW
+from ov_jax.modeling import llava, qwen2
+from ov_jax.modeling.layers import NEG_INF, apply_rope, dense, project_heads, rms_norm, rope_tables
+
+LAYOUTS = ("unrolled", "scanned")
+
+
+class DecodeState(NamedTuple):
+    """Per-batch decode state; every leaf has a bucket shape."""
+
+    tokens: jax.Array  # [B] int32: the last emitted token (pad for finished rows)
+    positions: jax.Array  # [B] int32: RoPE position of ``tokens`` when fed back
+    key_valid: jax.Array  # [B, S] bool: cache slots a query may attend to
+    done: jax.Array  # [B] bool: row has emitted a stop token (or is batch padding)
+    write_index: jax.Array  # [] int32: cache slot of the next fed token
+    step: jax.Array  # [] int32: index of ``tokens`` among the new tokens
+
+
+class TokenRules(NamedTuple):
+    """Traced generation settings (changing them never recompiles)."""
+
+    stop_ids: jax.Array  # [MAX_STOP_IDS] int32, -1 = unused
+    pad_id: jax.Array  # [] int32
+    temperature: jax.Array  # [] float32
+    top_p_threshold: jax.Array  # [] float32: 1 - top_p as torch rounds it
+    seed: jax.Array  # [] uint32
+
+
+MAX_STOP_IDS = 16
+
+
+# --- params in serving layout ------------------------------------------------------------------------------
+
+
+def split_layers(stacked: dict) -> list[dict]:
+    """Per-layer weight trees from the stacked ``[L, ...]`` ones.
+
+    On CPU, ``device_put`` of a numpy view aliases the stacked buffer (no copy; measured), so the split
+    costs no memory; elsewhere it copies.
+    """
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+
+    def take(a, i):
+        sharding = getattr(a, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and len(a.devices()) > 1:  # keep the per-layer slice sharded
+            return jax.device_put(a[i], jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:])))
+        return jax.device_put(np.asarray(a)[i]) if _on_cpu(a) else a[i]
+
+    def layer(i):
+        return jax.tree.map(lambda a: take(a, i), stacked)
+
+    return [layer(i) for i in range(num_layers)]
+
+
+def _on_cpu(a: Any) -> bool:
+    return isinstance(a, np.ndarray) or all(d.platform == "cpu" for d in a.devices())
+
+
+# --- media -------------------------------------------------------------------------------------------------
+
+
+def media_start(params: dict, tap_index: jax.Array, tap_weight: jax.Array) -> jax.Array:
+    """Float32 media rows ``[B, T, H]`` holding only the newline taps; tiles are added chunk by chunk."""
+    weight = jnp.where(tap_index == NEWLINE_ROW, tap_weight, 0.0).sum(-1)
+    return weight[..., None] * params["image_newline"].astype(jnp.float32)
+
+
+def encode_tiles(params: dict, tiles: jax.Array, config: OneVisionConfig, dtype) -> jax.Array:
+    """Projected tower features of a chunk of tiles/frames, flattened to rows ``[C·729, H]``."""
+    feats = llava.media_features(params, tiles, config, dtype)
+    return feats.reshape(-1, feats.shape[-1])
+
+
+def media_add(rows: jax.Array, features: jax.Array, tap_index: jax.Array, tap_weight: jax.Array,
+              first_tile: jax.Array, tokens_per_tile: int) -> jax.Array:
+    """Add the taps that read this chunk's feature rows (tiles ``first_tile …``) into ``rows``."""
+    local = tap_index - 1 - first_tile * tokens_per_tile
+    inside = (tap_index != NEWLINE_ROW) & (local >= 0) & (local < features.shape[0])
+    gathered = jnp.take(features, jnp.clip(local, 0, features.shape[0] - 1), axis=0).astype(jnp.float32)
+    weight = jnp.where(inside, tap_weight, 0.0)
+    return rows + jnp.einsum("btkh,btk->bth", gathered, weight)
+
+
+# --- prefill -----------------------------------------------------------------------------------------------
+
+
+def prefill(params: dict, input_ids: jax.Array, attention_mask: jax.Array, media_rows: jax.Array,
+            is_media: jax.Array, config: OneVisionConfig, dtype) -> tuple[jax.Array, qwen2.KVCache]:
+    """Prompt → float32 logits of the last slot ``[B, V]`` and the prompt's KV ``[L, B, T, nkv, hd]``.
+
+    Left padding puts every row's last token in the last slot. Positions are ``cumsum(mask) - 1`` (pads 0).
+    """
+    text = params["text"]
+    embeds = qwen2.embed_tokens(text, input_ids, dtype)
+    embeds = jnp.where(is_media[..., None], media_rows.astype(dtype), embeds)
+    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+    b, t = input_ids.shape
+    cache = qwen2.init_cache(config.text, b, t, dtype)
+    hidden, cache = qwen2.decoder(text, embeds, positions, attention_mask, config.text, cache, 0)
+    return qwen2.lm_logits(text, hidden[:, -1:])[:, 0], cache
+
+
+def start_decode(prompt_kv: qwen2.KVCache, logits: jax.Array, attention_mask: jax.Array, rules: TokenRules,
+                 mode: SamplingMode, cache_length: int, layout: str) -> tuple[Any, DecodeState]:
+    """Choose the first token and move the prompt's KV into a ``cache_length`` cache of ``layout``."""
+    b, t = attention_mask.shape
+    pad = cache_length - t
+    if layout == "scanned":
+        widths = ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))
+        cache = qwen2.KVCache(jnp.pad(prompt_kv.k, widths), jnp.pad(prompt_kv.v, widths))
+    else:
+        def per_layer(x):  # [L, B, T, nkv, hd] -> L x [B, nkv, S, hd]
+            x = jnp.pad(x.transpose(0, 1, 3, 2, 4), ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+            return tuple(x[i] for i in range(x.shape[0]))
+
+        cache = qwen2.KVCache(per_layer(prompt_kv.k), per_layer(prompt_kv.v))
+    row_valid = attention_mask.any(axis=-1)
+    state = DecodeState(
+        tokens=jnp.zeros((b,), jnp.int32),
+        positions=attention_mask.sum(axis=-1).astype(jnp.int32),
+        key_valid=jnp.pad(attention_mask, ((0, 0), (0, pad))),
+        done=~row_valid,
+        write_index=jnp.int32(t),
+        step=jnp.int32(0),
+    )
+    return cache, _emit(state, logits, rules, mode)
+
+
+def _emit(state: DecodeState, logits: jax.Array, rules: TokenRules, mode: SamplingMode) -> DecodeState:
+    """Choose this step's tokens; finished rows emit pad; a stop token finishes its row (and is kept)."""
+    chosen = choose_tokens(logits, mode, rules.temperature, rules.top_p_threshold, rules.seed, state.step)
+    tokens = jnp.where(state.done, rules.pad_id, chosen)
+    stopped = (chosen[:, None] == rules.stop_ids[None, :]).any(axis=-1)
+    return state._replace(tokens=tokens, done=state.done | stopped)
+
+
+# --- decode ------------------------------------------------------------------------------------------------
+
+
+def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array) -> jax.Array:
+    """One query per row against a heads-major cache ``[B, nkv, S, hd]``; same numerics as ``layers.attention``."""
+    b, _, nh, hd = q.shape
+    nkv = k.shape[1]
+    qg = q.reshape(b, nkv, nh // nkv, hd)
+    scores = jnp.einsum("bngd,bnsd->bngs", qg, k, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
+    scores = jnp.where(key_valid[:, None, None, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bngs,bnsd->bngd", probs, v).reshape(b, 1, nh, hd)
+
+
+def _merge_heads(x: jax.Array, p: dict) -> jax.Array:
+    """``[B, T, nh, hd]`` → ``[B, T, D]`` as one 2-D matmul (a two-axis contraction is slow on XLA:CPU)."""
+    b, t, nh, hd = x.shape
+    kernel = p["kernel"].astype(x.dtype)
+    return (x.reshape(b * t, nh * hd) @ kernel.reshape(nh * hd, -1)).reshape(b, t, -1)
+
+
+def _decode_unrolled(text: dict, layers: list[dict], cache: qwen2.KVCache, x: jax.Array, cos, sin,
+                     key_valid: jax.Array, write_index: jax.Array, config) -> tuple[jax.Array, qwen2.KVCache]:
+    eps = config.rms_norm_eps
+    new_k, new_v = [], []
+    for lp, ck, cv in zip(layers, cache.k, cache.v):
+        h = rms_norm(x, lp["input_norm"], eps)
+        q = apply_rope(project_heads(h, lp["q"]), cos, sin)
+        k = apply_rope(project_heads(h, lp["k"]), cos, sin)
+        v = project_heads(h, lp["v"])
+        slot = (0, 0, write_index, 0)
+        ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), slot)
+        cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), slot)
+        x = x + _merge_heads(_decode_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), key_valid), lp["o"])
+        h = rms_norm(x, lp["post_norm"], eps)
+        x = x + dense(jax.nn.silu(dense(h, lp["gate"])) * dense(h, lp["up"]), lp["down"])
+        new_k.append(ck)
+        new_v.append(cv)
+    return rms_norm(x, text["norm"], eps), qwen2.KVCache(tuple(new_k), tuple(new_v))
+
+
+def decode_step(params: dict, layers: list[dict] | None, cache: Any, state: DecodeState, rules: TokenRules,
+                mode: SamplingMode, config: OneVisionConfig, dtype) -> tuple[Any, DecodeState]:
+    """Feed ``state.tokens`` (one per row), write their KV at ``write_index``, emit the next tokens."""
+    text = params["text"]
+    w = state.write_index
+    key_valid = jax.lax.dynamic_update_slice(state.key_valid, jnp.ones((state.tokens.shape[0], 1), bool), (0, w))
+    x = qwen2.embed_tokens(text, state.tokens[:, None], dtype)
+    if layers is None:
+        hidden, cache = qwen2.decoder(text, x, state.positions[:, None], key_valid, config.text, cache, w)
+    else:
+        cos, sin = rope_tables(state.positions[:, None], config.text.head_dim, config.text.rope_theta, dtype)
+        hidden, cache = _decode_unrolled(text, layers, cache, x, cos, sin, key_valid, w, config.text)
+    logits = qwen2.lm_logits(text, hidden)[:, 0]
+    state = state._replace(key_valid=key_valid, positions=state.positions + 1, write_index=w + 1,
+                           step=state.step + 1)
+    return cache, _emit(state, logits, rules, mode)
+
+
+def decode_loop(params: dict, layers: list[dict] | None, cache: Any, state: DecodeState, rules: TokenRules,
+                max_new_tokens: jax.Array, mode: SamplingMode, config: OneVisionConfig, dtype
+                ) -> tuple[Any, DecodeState, jax.Array]:
+    """Decode on device (``lax.while_loop``) until every row is done or ``max_new_tokens`` tokens exist.
+
+    Returns the cache, the final state and the new tokens ``[B, S]`` (columns past the last step = pad).
+    """
+    b, s = state.key_valid.shape
+    out = jnp.full((b, s), rules.pad_id, jnp.int32).at[:, 0].set(state.tokens)
+
+    def cond(carry):
+        _, st, _ = carry
+        return (st.step + 1 < max_new_tokens) & ~jnp.all(st.done)
+
+    def body(carry):
+        cache, st, out = carry
+        cache, st = decode_step(params, layers, cache, st, rules, mode, config, dtype)
+        out = jax.lax.dynamic_update_slice(out, st.tokens[:, None], (0, st.step))
+        return cache, st, out
+
+    return jax.lax.while_loop(cond, body, (cache, state, out))
