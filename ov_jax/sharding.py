@@ -401,6 +401,16 @@ def sharded_call(compiled: Any) -> Any:
     return call
 
 
+def fetch(x: Any) -> np.ndarray:
+    """A global array as numpy on every process (an all-gather when other hosts hold some of its shards).
+    Multi-host: every process must call it, in the same order, like any collective."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
     """A global array from host data that every process holds in full; each process copies only the slices
     of its own devices (the multi-host way to feed a batch; equivalent to ``device_put`` on one host)."""

@@ -178,7 +178,7 @@ def test_real_model_batch_answers_match_single_requests_and_resume(tiny_ckpt, tm
 
     from ov_jax.batch_inference import make_generate_fn
 
-    Buckets, engine_for = pytest.importorskip("ov_jax.engine").Buckets, pytest.importorskip("ov_jax.engine").engine_for
+    engine = pytest.importorskip("ov_jax.engine")
     from ov_jax.model import LlavaOnevision
     from ov_jax.processing.processor import LlavaOnevisionProcessor
 
@@ -193,7 +193,7 @@ def test_real_model_batch_answers_match_single_requests_and_resume(tiny_ckpt, tm
     path.write_text("".join(json.dumps(r) + "\n" for r in requests))
     processor = LlavaOnevisionProcessor.from_pretrained(tiny_ckpt)
     model = LlavaOnevision.from_pretrained(tiny_ckpt)
-    engine_for(model, Buckets(batch=(1, 2), prompt=(64, 2048), cache=(2112,)))
+    engine.engine_for(model, engine.Buckets(batch=(1, 2), prompt=(64, 2048), cache=(2112,)))
     infer = make_generate_fn(model, processor, max_new_tokens=8, media_root=tmp_path)
 
     singles = [infer([r])[0] for r in requests]

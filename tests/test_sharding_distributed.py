@@ -185,3 +185,49 @@ def test_two_process_batch_inference_on_a_spanning_mesh_resumes(tmp_path):
     assert written == [{"id": i, "answer": a} for i, a in enumerate(expected)]
     assert len(set(expected)) > 1
     assert np.all(np.array(expected) >= 0)
+
+
+GENERATE_WORKER = textwrap.dedent("""
+    import json, os, sys
+    process_id, port, checkpoint, mesh = sys.argv[1:5]
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    from ov_jax.distributed import maybe_initialize_distributed
+    assert maybe_initialize_distributed(f"localhost:{port}", 2, int(process_id))
+    import numpy as np
+    from ov_jax.engine import Buckets, engine_for
+    from ov_jax.model import LlavaOnevision
+    model = LlavaOnevision.from_pretrained(checkpoint, mesh=mesh)
+    engine_for(model, Buckets(batch=(4,), prompt=(32,), cache=(64,)))
+    ids = np.random.default_rng(0).integers(1, 200, (4, 20))
+    print("TOKENS", json.dumps(model.generate(ids, max_new_tokens=6, stop_token_ids=[]).tolist()))
+    """)
+
+
+@pytest.mark.slow  # two jax processes load, compile and generate: ~40 s per mesh on 2 shared cores
+@pytest.mark.parametrize("mesh", ["data=1,tensor=8", "data=2,tensor=4"])
+def test_two_process_generate_matches_one_process(tmp_path, mesh):
+    engine = pytest.importorskip("ov_jax.engine")
+    if "mesh" not in __import__("inspect").signature(engine.Engine).parameters:
+        pytest.skip("the engine does not take a mesh yet")
+    from ov_jax.model import LlavaOnevision
+    from ov_jax.tiny import make_tiny
+
+    checkpoint = make_tiny(tmp_path / "ckpt", text_overrides={"num_attention_heads": 8},
+                           vision_overrides={"num_attention_heads": 4})
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    procs = [subprocess.Popen([sys.executable, "-c", GENERATE_WORKER, str(i), str(port), str(checkpoint), mesh],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    tokens = []
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+        tokens.append(json.loads(out.split("TOKENS ")[-1].splitlines()[0]))
+
+    model = LlavaOnevision.from_pretrained(checkpoint)
+    engine.engine_for(model, engine.Buckets(batch=(4,), prompt=(32,), cache=(64,)))
+    ids = np.random.default_rng(0).integers(1, 200, (4, 20))
+    reference = model.generate(ids, max_new_tokens=6, stop_token_ids=[]).tolist()
+    assert tokens[0] == tokens[1] == reference
