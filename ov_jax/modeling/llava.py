@@ -26,11 +26,12 @@ def media_features(params: dict, tower_inputs: jax.Array, config: OneVisionConfi
 
 
 def gather_media(params: dict, projected: jax.Array, tap_index: jax.Array, tap_weight: jax.Array) -> jax.Array:
-    """Weighted 4-tap gather from ``[newline; projected tokens]`` → ``[B, T, H]`` (float32 accumulation)."""
+    """Weighted 4-tap gather from ``[newline; projected tokens]`` → ``[B, T, H]`` (at least float32 accumulation)."""
     hidden = projected.shape[-1]
+    acc = jnp.promote_types(projected.dtype, jnp.float32)
     table = jnp.concatenate([params["image_newline"].astype(projected.dtype)[None], projected.reshape(-1, hidden)])
-    rows = jnp.take(table, tap_index, axis=0).astype(jnp.float32)  # [B, T, 4, H]
-    return jnp.einsum("btkh,btk->bth", rows, tap_weight.astype(jnp.float32))
+    rows = jnp.take(table, tap_index, axis=0).astype(acc)  # [B, T, 4, H]
+    return jnp.einsum("btkh,btk->bth", rows, tap_weight.astype(acc))
 
 
 def merged_embeddings(params, input_ids, tower_inputs, tap_index, tap_weight, is_media, config: OneVisionConfig, dtype):
