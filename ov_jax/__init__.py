@@ -11,6 +11,8 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
+    "LlavaOnevision": "ov_jax.model",
+    "make_tiny": "ov_jax.tiny",
     "LlavaOnevisionProcessor": "ov_jax.processing.processor",
     "Processor": "ov_jax.processing.processor",
 }

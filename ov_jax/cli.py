@@ -1,0 +1,412 @@
+"""The ``ov-jax`` command: make a tiny checkpoint, convert, generate, cross-check against PyTorch, benchmark.
+
+    ov-jax make-tiny OUT
+    ov-jax convert SRC DST [--dtype bfloat16]
+    ov-jax generate --model M [--image P ...] [--video P --num-frames N] --prompt TEXT [...]
+    ov-jax compare --model M [--image P ...] [--video P] [--prompt TEXT] [--dtype D] [--tolerance X]
+    ov-jax batch --model M --input requests.jsonl --output answers.jsonl [--mesh ...]
+    ov-jax bench [-- benchmark options ...]
+
+Every bad input ends in one line ``error: ...`` on stderr and exit status 2 (set ``OV_JAX_TRACEBACK=1``
+to see the traceback instead); ``compare`` exits 1 when a stage is over its tolerance. Heavy imports
+(jax, torch) happen inside the subcommands, so ``ov-jax --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
+ASSETS = pathlib.Path(__file__).parent / "assets"
+SAMPLE_IMAGE = ASSETS / "sample.jpg"
+SAMPLE_VIDEO = ASSETS / "sample.mp4"
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UsageError(ValueError):
+    """A command-line value that cannot work (reported as one line, like every other bad input)."""
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def check_file(path: str, what: str) -> str:
+    """``path`` if it is a readable file, else a :class:`UsageError` naming ``what`` it should have been."""
+    if not os.path.exists(path):
+        raise UsageError(f"{what} {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path!r} is not a file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{what} {path!r} is not readable")
+    return path
+
+
+def load_images(paths: Sequence[str]) -> list:
+    """Open every image fully now (RGB), so an unreadable file fails before any model is loaded."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        check_file(path, "image")
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise UsageError(f"cannot read image {path!r}: {err}") from None
+    return images
+
+
+def conversation(prompt: str, images: Sequence[Any] = (), video: str | None = None) -> list[dict]:
+    """One user turn holding the images, then the video, then the text (the chat template's order)."""
+    content: list[dict] = [{"type": "image", "image": image} for image in images]
+    if video is not None:
+        content.append({"type": "video", "video": video})
+    content.append({"type": "text", "text": prompt})
+    return [{"role": "user", "content": content}]
+
+
+def stop_and_pad_ids(model_dir: pathlib.Path, config) -> tuple[list[int], int]:
+    """Stop ids and pad id as transformers' ``generate`` takes them: generation_config.json, then the config."""
+    import json
+
+    generation = {}
+    try:
+        generation = json.loads((model_dir / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        pass
+    eos = generation.get("eos_token_id", config.text.eos_token_id)
+    stops = [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None]
+    pad = generation.get("pad_token_id", config.text.pad_token_id)
+    pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+    return stops, int(stops[0] if pad is None else pad)
+
+
+# ----------------------------------------------------------------------------------------- make-tiny
+
+
+def run_make_tiny(args: argparse.Namespace) -> int:
+    from ov_jax.tiny import make_tiny
+
+    out = pathlib.Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise UsageError(f"{out} already exists and is not an empty directory; pass --overwrite to write into it")
+    make_tiny(out, seed=args.seed, tie_word_embeddings=args.tied, dtype=args.dtype)
+    print(f"wrote a tiny random-weight LLaVA-OneVision checkpoint to {out} (transformers layout, {args.dtype}"
+          f"{', tied embeddings' if args.tied else ''}); its answers are random text")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------- convert
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from convert.convert_checkpoint import run
+
+    return EXIT_OK if run(args) == 0 else EXIT_ERROR
+
+
+# ------------------------------------------------------------------------------------------ generate
+
+
+class StdoutStreamer:
+    """Prints row 0's new tokens as text while ``generate`` runs; stops printing at a stop token.
+
+    The whole answer is re-decoded at each step and only the new suffix is printed, so multi-byte
+    characters split across tokens appear once complete (as transformers' ``TextStreamer``).
+    """
+
+    def __init__(self, processor, stop_ids: Sequence[int], out=None):
+        self.processor, self.stop_ids, self.out = processor, set(stop_ids), out or sys.stdout
+        self.tokens: list[int] = []
+        self.printed = ""
+        self.finished = False
+        self.first_token_time: float | None = None
+        self.count = 0
+
+    def put(self, tokens) -> None:
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        if self.finished:
+            return
+        token = int(tokens[0])
+        self.count += 1
+        if token in self.stop_ids:
+            self.finished = True
+            return
+        self.tokens.append(token)
+        text = self.processor.decode(self.tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self._write(text)
+
+    def end(self) -> None:
+        self._write(self.processor.decode(self.tokens, skip_special_tokens=True))
+        self.out.write("\n")
+        self.out.flush()
+
+    def _write(self, text: str) -> None:
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
+
+
+def _steps_bar(total: int, desc: str):
+    """A tqdm bar over a few named loading steps (the current one shown as its postfix)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", bar_format="{desc}: {n_fmt}/{total_fmt} {postfix} [{elapsed}]")
+
+
+def _make_mesh(spec: str):
+    from ov_jax.sharding import MeshError, make_mesh
+
+    try:
+        return make_mesh(spec)
+    except MeshError as err:
+        import jax
+
+        if jax.default_backend() == "cpu" and "devices but" in str(err):
+            raise UsageError(f"{err}; on CPU, simulate devices by setting "
+                             "XLA_FLAGS=--xla_force_host_platform_device_count=N before running") from None
+        raise
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.num_frames < 1:
+        raise UsageError(f"--num-frames must be >= 1, got {args.num_frames}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    sampling_only = [flag for flag, value, default in (("--top-p", args.top_p, 1.0), ("--top-k", args.top_k, 0))
+                     if value != default]
+    if sampling_only and args.temperature == 0:
+        raise UsageError(f"{' and '.join(sampling_only)} only filter sampled tokens: add --temperature T (T > 0) "
+                         "to sample")
+    if not 0.0 < args.top_p <= 1.0:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if args.video is not None:
+        check_file(args.video, "video")
+    if not args.prompt.strip():
+        raise UsageError("--prompt is empty")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    _check_generate_args(args)
+    images = load_images(args.image)
+    mesh = None if args.mesh is None else _make_mesh(args.mesh)
+    from ov_jax.hub import resolve_checkpoint
+
+    model_dir = resolve_checkpoint(args.model)
+
+    from ov_jax.model import LlavaOnevision
+    from ov_jax.processing.processor import LlavaOnevisionProcessor
+
+    with _steps_bar(3, "loading") as bar:
+        bar.set_postfix_str("tokenizer and processor")
+        processor = LlavaOnevisionProcessor.from_pretrained(model_dir)
+        bar.update()
+        bar.set_postfix_str("images and video")
+        frames = {"num_frames": args.num_frames} if args.video is not None else {}
+        inputs = processor.apply_chat_template(conversation(args.prompt, images, args.video),
+                                               add_generation_prompt=True, tokenize=True, return_dict=True, **frames)
+        bar.update()
+        bar.set_postfix_str(f"weights ({args.dtype}{'' if mesh is None else ', mesh ' + args.mesh})")
+        model = LlavaOnevision.from_pretrained(model_dir, dtype=args.dtype, mesh=mesh)
+        bar.update()
+        bar.set_postfix_str("done")
+
+    from ov_jax.engine import SamplingMode, engine_for
+
+    do_sample = args.temperature > 0
+    buckets = engine_for(model).buckets
+    prompt_length = inputs["input_ids"].shape[1]
+    model.warmup(batch_sizes=(buckets.batch_bucket(1),),
+                 prompt_lengths=(buckets.prompt_bucket(prompt_length, _media_token_count(inputs, model)),),
+                 max_new_tokens=args.max_new_tokens, sampling=(SamplingMode.from_args(do_sample, args.top_k, args.top_p),),
+                 media="pixel_values" in inputs or "pixel_values_videos" in inputs)
+
+    stop_ids, _ = stop_and_pad_ids(model_dir, model.config)
+    streamer = StdoutStreamer(processor, stop_ids)
+    start = time.perf_counter()
+    model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=do_sample,
+                   temperature=args.temperature if do_sample else 1.0, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed, stop_token_ids=stop_ids, streamer=streamer)
+    elapsed = time.perf_counter() - start
+    first = (streamer.first_token_time or start) - start
+    decode = f"{(streamer.count - 1) / (elapsed - first):.1f}" if streamer.count > 1 and elapsed > first else "n/a"
+    print(f"[{streamer.count} tokens in {elapsed:.2f} s: {decode} tokens/s decode, first token after "
+          f"{first:.2f} s; prompt {prompt_length} tokens]", flush=True)
+    return EXIT_OK
+
+
+def _media_token_count(inputs, model) -> int:
+    ids = inputs["input_ids"]
+    return int(((ids == model.config.image_token_id) | (ids == model.config.video_token_id)).sum())
+
+
+# ------------------------------------------------------------------------------------------- compare
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from ov_jax import compare
+
+    if args.video is not None:
+        check_file(args.video, "video")
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.tolerance is not None and not args.tolerance > 0:
+        raise UsageError(f"--tolerance must be > 0, got {args.tolerance}")
+    result = compare.compare(
+        args.model, jax_model=args.jax_model, images=load_images(args.image), video=args.video, prompt=args.prompt,
+        num_frames=args.num_frames, dtype=args.dtype, tolerance=args.tolerance, max_new_tokens=args.max_new_tokens)
+    print(result.table(), flush=True)
+    return EXIT_OK if result.passed else EXIT_MISMATCH
+
+
+# --------------------------------------------------------------------------------------------- batch
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    """Resumable batch inference over a jsonl (`ov_jax.batch_inference`), multi-host when asked."""
+    from ov_jax.batch_inference import run_from_args
+
+    check_file(args.input, "requests file")
+    if args.mesh is not None and not args.coordinator and not os.environ.get("OV_JAX_COORDINATOR"):
+        _make_mesh(args.mesh)  # a bad mesh is reported before the model loads
+    print(run_from_args(args), flush=True)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- bench
+
+
+def run_bench(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    script = BENCHMARKS / args.script
+    if not script.is_file():
+        available = sorted(p.name for p in BENCHMARKS.glob("*.py")) if BENCHMARKS.is_dir() else []
+        where = f"available: {', '.join(available)}" if available else (
+            f"{BENCHMARKS} is missing: the benchmarks ship with the source checkout, not the installed package")
+        raise UsageError(f"benchmark script {args.script!r} not found ({where})")
+    command = [sys.executable, str(script), *extra]
+    print("running: " + " ".join(command), file=sys.stderr, flush=True)
+    return subprocess.call(command, cwd=BENCHMARKS.parent)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; ``command`` (the subcommand about to run) lets heavy subcommands add their flags."""
+    parser = argparse.ArgumentParser(prog="ov-jax", description="LLaVA-OneVision in JAX/Flax: command-line tools.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tiny = commands.add_parser("make-tiny", help="write a small random-weight checkpoint (offline)",
+                               description="Write a small random-weight LLaVA-OneVision checkpoint in the transformers "
+                                           "layout, with a real tokenizer, processor configs and chat template.")
+    tiny.add_argument("out", metavar="OUT", help="output directory")
+    tiny.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    tiny.add_argument("--tied", action="store_true", help="tie lm_head to the embeddings (as the 0.5B)")
+    tiny.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype in the file")
+    tiny.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+
+    from convert.convert_checkpoint import add_arguments
+
+    add_arguments(commands.add_parser(
+        "convert", help="convert a checkpoint to an ov_jax (orbax) directory that loads faster",
+        description="Convert a LLaVA-OneVision safetensors checkpoint (directory or hub id) into an ov_jax orbax "
+                    "directory; streaming and atomic."))
+
+    gen = commands.add_parser("generate", help="answer a prompt about images / a video, streaming tokens",
+                              description="Load a checkpoint, warm up the buckets this request needs, and stream the "
+                                          "answer to stdout; the last line reports tokens/s.")
+    gen.add_argument("--model", required=True, help="checkpoint directory, converted directory or hub id")
+    gen.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="an image file; repeat for several images (multi-image mode)")
+    gen.add_argument("--video", metavar="PATH", help="a video file")
+    gen.add_argument("--num-frames", type=int, default=8, help="frames sampled from --video (default 8)")
+    gen.add_argument("--prompt", required=True, help="the user's question")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy; > 0 samples")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus filter when sampling (default 1 = off)")
+    gen.add_argument("--top-k", type=int, default=0, help="top-k filter when sampling (default 0 = off)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
+    gen.add_argument("--mesh", help="device mesh, e.g. data=2,tensor=4, a preset name or a mesh .json file")
+
+    cmp = commands.add_parser("compare", help="cross-check against transformers (PyTorch), stage by stage",
+                              description="Load the same checkpoint in transformers and ov_jax, run the same inputs "
+                                          "and print max abs / max rel diff and top-1 agreement per stage. Exit 1 when "
+                                          "a stage is over the tolerance. Needs torch and transformers.")
+    cmp.add_argument("--model", required=True, help="transformers checkpoint directory or hub id")
+    cmp.add_argument("--jax-model", help="load the ov_jax side from here instead (e.g. the converted copy of --model)")
+    cmp.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file; repeatable")
+    cmp.add_argument("--video", metavar="PATH", help="a video file (decoded and preprocessed by ov_jax for both models)")
+    cmp.add_argument("--num-frames", type=int, default=8, help="frames sampled from --video (default 8)")
+    cmp.add_argument("--prompt", help="the user's question (default: a generic describe prompt)")
+    cmp.add_argument("--dtype", choices=DTYPES, default="float32", help="both models' dtype (default float32)")
+    cmp.add_argument("--tolerance", type=float, help="max abs diff allowed per stage (default: per dtype, see table)")
+    cmp.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens compared (default 8; 0 skips)")
+
+    batch = commands.add_parser(
+        "batch", help="answer a jsonl of requests, resumable; multi-host on a pod",
+        description="Batch inference: a jsonl of prompts with image/video paths in, a jsonl of answers out, written "
+                    "incrementally so a restart resumes where it stopped.")
+    if command == "batch":  # its flags live in ov_jax.batch_inference, which imports jax: only when asked
+        from ov_jax.batch_inference import add_arguments as add_batch_arguments
+
+        add_batch_arguments(batch)
+
+    bench = commands.add_parser("bench", help="run the engine benchmarks (source checkout only)",
+                                description="Run a script from the repository's benchmarks/ folder with this Python; "
+                                            "further arguments are passed to it (e.g. ov-jax bench -- --help).")
+    bench.add_argument("--script", default="bench_engine.py",
+                       help="benchmark script in benchmarks/ (default bench_engine.py: the engine vs transformers)")
+    return parser
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    runners = {"make-tiny": run_make_tiny, "convert": run_convert, "generate": run_generate, "compare": run_compare,
+               "batch": run_batch}
+    try:
+        if args.command == "bench":
+            return run_bench(args, extra)
+        return runners[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError, NotImplementedError) as err:  # bad input: config, files, mesh, media
+        if os.environ.get("OV_JAX_TRACEBACK"):
+            raise
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as err:  # a bug: still one line, with the way to see more
+        if os.environ.get("OV_JAX_TRACEBACK"):
+            raise
+        print(f"error: internal error ({type(err).__name__}: {_one_line(err)}); set OV_JAX_TRACEBACK=1 to see "
+              "the traceback", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
