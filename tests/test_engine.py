@@ -32,7 +32,7 @@ def reference(tiny_ckpt):
 
 
 def hf_generate(reference, ids, mask, new_tokens, stop_ids, pad_id, **media):
-    """transformers' greedy ``generate``, new tokens padded to ``new_tokens`` columns (it stops when all rows are done)."""
+    """transformers' greedy ``generate``, new tokens padded to ``new_tokens`` columns (it stops when all are done)."""
     with torch.no_grad():
         out = reference.generate(
             input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=new_tokens,
@@ -157,12 +157,12 @@ def test_rows_stop_independently_and_pad_after_their_stop_token(model, reference
     assert (ours[0, 4:] == pad).all()
 
 
-def test_scanned_layout_and_device_loop_agree_with_defaults(model, reference):
-    """The non-default decode paths (stacked-cache scan, lax.while_loop) give the default path's tokens."""
+def test_scanned_layout_and_python_loop_agree_with_defaults(model, reference):
+    """The non-default decode paths (stacked-cache scan, Python-driven step) give the default path's tokens."""
     ids, mask = text_batch(model, np.random.default_rng(7))
-    expected = model.generate(ids, mask, max_new_tokens=NEW)  # unrolled layout, Python loop
+    expected = model.generate(ids, mask, max_new_tokens=NEW)  # unrolled layout (CPU), device loop
     np.testing.assert_array_equal(expected, hf_generate(reference, ids, mask, NEW, *stops(model)))
-    other = Engine(model.config, model.params, model.dtype, BUCKETS, layout="scanned", loop="device")
+    other = Engine(model.config, model.params, model.dtype, BUCKETS, layout="scanned", loop="python")
     np.testing.assert_array_equal(other.generate(ids, mask, max_new_tokens=NEW), expected)
 
 
@@ -196,3 +196,19 @@ def test_sampling_is_reproducible_per_seed(model):
     # top_k=1 leaves only the argmax: sampling must reproduce greedy decoding.
     greedy = model.generate(ids, max_new_tokens=16, stop_token_ids=[])
     np.testing.assert_array_equal(model.generate(ids, seed=1, **dict(kwargs, top_k=1)), greedy)
+
+
+def test_blocked_causal_prefill_attention_equals_the_full_square():
+    import jax.numpy as jnp
+
+    from ov_jax.engine.steps import causal_block_attention
+    from ov_jax.modeling.layers import attention
+    from ov_jax.modeling.qwen2 import attention_mask
+
+    rng = np.random.default_rng(8)
+    b, t, hd = 2, 700, 16
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, hd), np.float32)) for n in (4, 2, 2))
+    valid = np.arange(t)[None] >= np.array([[0], [250]])  # second row left-padded
+    mask = attention_mask(jnp.asarray(valid), jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.arange(t))
+    full, blocked = attention(q, k, v, mask), causal_block_attention(q, k, v, mask, block=128)
+    np.testing.assert_allclose(np.asarray(blocked)[valid], np.asarray(full)[valid], atol=2e-6)

@@ -79,14 +79,15 @@ class Engine:
 
     ``params`` is the stacked params tree (``LlavaOnevision.params``). ``layout`` is ``"unrolled"``
     (default on CPU) or ``"scanned"`` (default elsewhere), see `ov_jax.engine.steps`. ``loop`` is
-    ``"python"`` (jitted step, default: measured as fast as the device loop, and it can stream) or
-    ``"device"`` (``lax.while_loop``); a streamer always uses the Python loop.
+    ``"device"`` (``lax.while_loop``; default: never slower than the Python loop in our measurements,
+    and clearly faster when the host is busy, since no host thread has to be scheduled per token) or
+    ``"python"`` (a jitted step per token); a streamer always uses the Python loop.
     ``generation_config`` (the checkpoint's ``generation_config.json`` as a dict) supplies the default
     stop and pad ids; without it the text config's ``eos_token_id`` / ``pad_token_id`` are used.
     """
 
     def __init__(self, config: OneVisionConfig, params: dict, dtype: Any = jnp.float32,
-                 buckets: Buckets | None = None, *, layout: str | None = None, loop: str = "python",
+                 buckets: Buckets | None = None, *, layout: str | None = None, loop: str = "device",
                  generation_config: dict | None = None, mesh: Any = None):
         self.config = config
         self.mesh = sh.make_mesh(mesh) if mesh is not None else sh.mesh_of(params)
@@ -152,14 +153,16 @@ class Engine:
 
     def _encode(self):
         c, v = self.tower_chunk, self.config.vision
-        args = (self._media_params, self._spec((c, v.num_channels, v.image_size, v.image_size), np.float32, "tower_inputs"))
+        tiles = self._spec((c, v.num_channels, v.image_size, v.image_size), np.float32, "tower_inputs")
+        args = (self._media_params, tiles)
         fn = functools.partial(steps.encode_tiles, config=self.config, dtype=self.dtype)
         return self._executable("encode", (c,), fn, args)
 
     def _media_add(self, b: int, t: int):
         c, h = self.tower_chunk, self.config.text.hidden_size
-        args = (self._spec((b, t, h), np.float32, "hidden"), self._spec((c * self.tokens_per_tile, h), self.dtype, ("tiles", None)),
-                self._spec((b, t, 4), np.int32, "taps"), self._spec((b, t, 4), np.float32, "taps"), self._spec((), np.int32))
+        features = self._spec((c * self.tokens_per_tile, h), self.dtype, ("tiles", None))
+        args = (self._spec((b, t, h), np.float32, "hidden"), features, self._spec((b, t, 4), np.int32, "taps"),
+                self._spec((b, t, 4), np.float32, "taps"), self._spec((), np.int32))
         fn = functools.partial(steps.media_add, tokens_per_tile=self.tokens_per_tile)
         return self._executable("media_add", (b, t, c), fn, args, donate=(0,))
 
@@ -176,8 +179,8 @@ class Engine:
         return qwen2.KVCache(self._spec(shape, self.dtype, "cache"), self._spec(shape, self.dtype, "cache"))
 
     def _start(self, b: int, t: int, s: int, mode: SamplingMode):
-        args = (self._prompt_kv_spec(b, t), self._spec((b, self.config.text.vocab_size), np.float32, ("batch", "vocab")),
-                self._spec((b, t), bool, "tokens"), self._rules_spec())
+        logits = self._spec((b, self.config.text.vocab_size), np.float32, ("batch", "vocab"))
+        args = (self._prompt_kv_spec(b, t), logits, self._spec((b, t), bool, "tokens"), self._rules_spec())
         fn = functools.partial(steps.start_decode, mode=mode, cache_length=s, layout=self.layout)
         return self._executable("start", (b, t, s, mode.name), fn, args)
 
@@ -304,14 +307,15 @@ class Engine:
 
     def warmup(self, batch_sizes: Sequence[int] | None = None, prompt_lengths: Sequence[int] | None = None,
                max_new_tokens: int | None = None, sampling: Sequence[SamplingMode | str] = ("greedy",),
-               media: bool = True, compilation_cache_dir: str | None = None, progress: bool = True
-               ) -> list[CompileRecord]:
+               media: bool = True, streaming: bool = False, compilation_cache_dir: str | None = None,
+               progress: bool = True) -> list[CompileRecord]:
         """Compile every executable a request inside the buckets can need; returns what was compiled.
 
         Defaults are the engine's buckets. ``max_new_tokens`` limits the cache buckets to the one each
         prompt bucket needs for that many new tokens (default: every cache bucket that fits the prompt).
         ``sampling`` lists modes (``"greedy"``, ``"sample"`` or :class:`SamplingMode`); ``media=False``
-        skips the vision tower (text-only serving). ``compilation_cache_dir`` enables jax's persistent
+        skips the vision tower (text-only serving); ``streaming=True`` also compiles the per-token step
+        that streamed requests use with the device loop. ``compilation_cache_dir`` enables jax's persistent
         cache first, so a restarted process loads executables instead of compiling them.
         """
         if compilation_cache_dir is not None:
@@ -325,7 +329,8 @@ class Engine:
                 return self.buckets.cache_lengths_for(t)
             return (self.buckets.cache_bucket(t, max_new_tokens, t),)
 
-        decode = self._decode_loop if self.loop == "device" else self._decode_step
+        decoders = [self._decode_loop] if self.loop == "device" else []
+        decoders += [self._decode_step] if self.loop == "python" or streaming else []
         jobs: list[tuple[str, Callable]] = []
         if media:
             jobs.append((f"encode chunk={self.tower_chunk}", self._encode))
@@ -337,7 +342,7 @@ class Engine:
                 jobs.append((f"prefill B={b} T={t}", functools.partial(self._prefill, b, t)))
                 jobs += [(f"start B={b} T={t} S={s} {m.name}", functools.partial(self._start, b, t, s, m))
                          for s in caches(t) for m in modes]
-            jobs += [(f"decode B={b} S={s} {m.name}", functools.partial(decode, b, s, m))
+            jobs += [(f"decode B={b} S={s} {m.name}", functools.partial(decode, b, s, m)) for decode in decoders
                      for s in sorted({s for t in prompt_lengths for s in caches(t)}) for m in modes]
         return self._run_jobs(jobs, progress)
 

@@ -6,7 +6,7 @@ One function serves a full forward (no cache), prefill (write the cache from slo
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,8 @@ def attention_mask(key_valid: jax.Array, query_slots: jax.Array, key_slots: jax.
     return causal & key_valid[:, None, :]
 
 
-def decoder_layer(x, lp, cos, sin, mask, config: TextConfig, cache_kv=None, write_index=None):
+def decoder_layer(x, lp, cos, sin, mask, config: TextConfig, cache_kv=None, write_index=None,
+                  attend: Callable = attention):
     h = rms_norm(x, lp["input_norm"], config.rms_norm_eps)
     q = apply_rope(project_heads(h, lp["q"]), cos, sin)
     k = apply_rope(project_heads(h, lp["k"]), cos, sin)
@@ -45,7 +46,7 @@ def decoder_layer(x, lp, cos, sin, mask, config: TextConfig, cache_kv=None, writ
         ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), write_index, axis=1)
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), write_index, axis=1)
         k, v, cache_kv = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv)
-    x = x + merge_heads(attention(q, k, v, mask), lp["o"])
+    x = x + merge_heads(attend(q, k, v, mask), lp["o"])
     h = rms_norm(x, lp["post_norm"], config.rms_norm_eps)
     x = x + dense(jax.nn.silu(dense(h, lp["gate"])) * dense(h, lp["up"]), lp["down"])
     return x, cache_kv
@@ -59,12 +60,14 @@ def decoder(
     config: TextConfig,
     cache: KVCache | None = None,
     write_index: jax.Array | int = 0,
+    attend: Callable = attention,
 ) -> tuple[jax.Array, KVCache | None]:
     """Run all layers and the final norm.
 
     ``x [B, T, H]`` embeddings, ``positions [B, T]`` RoPE positions. Without a cache ``key_valid``
     is ``[B, T]``; with a cache it is ``[B, S]`` over cache slots (already marking the T new slots),
     and the new keys/values are written at slots ``write_index … write_index + T - 1``.
+    ``attend`` replaces ``layers.attention`` (same signature), e.g. a blocked causal variant for long prompts.
     Returns the normalised hidden states and the updated cache.
     """
     t = x.shape[1]
@@ -75,7 +78,7 @@ def decoder(
 
     if cache is None:
         def body(h, lp):
-            h, _ = decoder_layer(h, lp, cos, sin, mask, config)
+            h, _ = decoder_layer(h, lp, cos, sin, mask, config, attend=attend)
             return h, None
 
         x, _ = jax.lax.scan(body, x, params["layers"])
@@ -83,7 +86,7 @@ def decoder(
     else:
         def body(h, xs):
             lp, ck, cv = xs
-            h, (ck, cv) = decoder_layer(h, lp, cos, sin, mask, config, (ck, cv), write_index)
+            h, (ck, cv) = decoder_layer(h, lp, cos, sin, mask, config, (ck, cv), write_index, attend)
             return h, (ck, cv)
 
         x, (ks, vs) = jax.lax.scan(body, x, (params["layers"], cache.k, cache.v))
