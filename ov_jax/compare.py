@@ -171,6 +171,9 @@ def compare(model: str | os.PathLike, *, jax_model: str | os.PathLike | None = N
     torch, transformers = _reference()
     kind = "video" if video is not None else "image" if images else "text"
     prompt = prompt or DEFAULT_PROMPT[kind]
+    hf_bars = transformers.utils.logging.is_progress_bar_enabled()
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()  # its weight-loading bar too
     with tqdm(total=8, desc="comparing", unit="stage", disable=not progress,
               bar_format="{desc}: {n_fmt}/{total_fmt} {postfix} [{elapsed}]") as bar:
         started = []
@@ -180,8 +183,12 @@ def compare(model: str | os.PathLike, *, jax_model: str | os.PathLike | None = N
             started.append(label)
             bar.set_postfix_str(label)
 
-        stages, inputs = _run_stages(path, jax_path, conversation(prompt, images, video), video, num_frames,
-                                               dtype, tolerance, max_new_tokens, step)
+        try:
+            stages, inputs = _run_stages(path, jax_path, conversation(prompt, images, video), video, num_frames,
+                                         dtype, tolerance, max_new_tokens, step)
+        finally:
+            if hf_bars:
+                transformers.utils.logging.enable_progress_bar()
         bar.update()
     header = (f"ov_jax vs transformers {transformers.__version__} (torch {torch.__version__}) | {path}"
               f"{'' if jax_path == path else ' (ov_jax: ' + str(jax_path) + ')'} | {dtype} | "

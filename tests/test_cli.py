@@ -257,11 +257,25 @@ def test_batch_answers_a_jsonl(workdir, converted_dir, cli_env, transformers_ans
     assert records["img"]["answer"] == expected and isinstance(records["txt"]["answer"], str)
 
 
-def test_bench_runs_the_engine_benchmark(workdir, cli_env):
-    result = ov_jax("bench", "--", "--help", cwd=workdir, env=cli_env, timeout=300)
+def test_bench_runs_a_benchmark_script(workdir, cli_env):
+    result = ov_jax("bench", "--script", "aot_plan.py", "--", "--help", cwd=workdir, env=cli_env, timeout=300)
     assert_ok(result)
-    assert "benchmarks/bench_engine.py --help" in result.stderr
-    assert "--workloads" in result.stdout
+    assert "benchmarks/aot_plan.py --help" in result.stderr and "usage:" in result.stdout
+
+
+def test_bench_runs_the_engine_benchmark_dry_run(workdir, cli_env):
+    """The default script, bench_engine.py, on its tiny preset (the real run is the 0.5B architecture)."""
+    script = cli.BENCHMARKS / "bench_engine.py"
+    if not script.is_file() or "--preset" not in script.read_text():
+        pytest.skip("benchmarks/bench_engine.py with its --preset tiny dry run is not in this checkout yet")
+    out = workdir / "bench.json"
+    result = ov_jax("bench", "--", "--preset", "tiny", "--systems", "ov_jax", "--dtypes", "float32",
+                    "--workloads", "decode", "--out", out, cwd=workdir, env=cli_env)
+    assert_ok(result)
+    assert "benchmarks/bench_engine.py --preset tiny" in result.stderr
+    run = json.loads(out.read_text())["runs"]["float32"]["ov_jax"]
+    assert run["decode_tok_s_b1"] > 0 and run["decode_tok_s_b8"] > 0
+    assert "| decode tok/s, batch 1" in result.stdout
 
 
 @pytest.mark.slow
