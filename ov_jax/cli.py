@@ -63,6 +63,21 @@ def load_images(paths: Sequence[str]) -> list:
     return images
 
 
+def check_video(path: str) -> str:
+    """``path`` if PyAV can open it as a video: a broken file fails here, in one line, before the decoders
+    (which print their own native errors) ever see it."""
+    import av
+
+    check_file(path, "video")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise UsageError(f"{path!r} has no video stream")
+    except av.FFmpegError as err:
+        raise UsageError(f"cannot read video {path!r}: {err}") from None
+    return path
+
+
 def conversation(prompt: str, images: Sequence[Any] = (), video: str | None = None) -> list[dict]:
     """One user turn holding the images, then the video, then the text (the chat template's order)."""
     content: list[dict] = [{"type": "image", "image": image} for image in images]
@@ -157,10 +172,12 @@ class StdoutStreamer:
 
 
 def _steps_bar(total: int, desc: str):
-    """A tqdm bar over a few named loading steps (the current one shown as its postfix)."""
+    """A tqdm bar over a few named steps (the current one shown as its postfix); it clears itself when closed,
+    so an error raised while it runs is still the only line left on the terminal."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", bar_format="{desc}: {n_fmt}/{total_fmt} {postfix} [{elapsed}]")
+    return tqdm(total=total, desc=desc, unit="step", leave=False,
+                bar_format="{desc}: {n_fmt}/{total_fmt} {postfix} [{elapsed}]")
 
 
 def _make_mesh(spec: str):
@@ -194,7 +211,7 @@ def _check_generate_args(args: argparse.Namespace) -> None:
     if args.top_k < 0:
         raise UsageError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
     if args.video is not None:
-        check_file(args.video, "video")
+        check_video(args.video)
     if not args.prompt.strip():
         raise UsageError("--prompt is empty")
 
@@ -228,10 +245,12 @@ def run_generate(args: argparse.Namespace) -> int:
 
     do_sample = args.temperature > 0
     buckets = engine_for(model).buckets
-    prompt_length = inputs["input_ids"].shape[1]
-    model.warmup(batch_sizes=(buckets.batch_bucket(1),),
-                 prompt_lengths=(buckets.prompt_bucket(prompt_length, _media_token_count(inputs, model)),),
-                 max_new_tokens=args.max_new_tokens, sampling=(SamplingMode.from_args(do_sample, args.top_k, args.top_p),),
+    prompt_length, media_tokens = inputs["input_ids"].shape[1], _media_token_count(inputs, model)
+    prompt_bucket = buckets.prompt_bucket(prompt_length, media_tokens)
+    buckets.cache_bucket(prompt_bucket, args.max_new_tokens, prompt_length, media_tokens)  # too long: clear error
+    mode = SamplingMode.from_args(do_sample, args.top_k, args.top_p)
+    model.warmup(batch_sizes=(buckets.batch_bucket(1),), prompt_lengths=(prompt_bucket,),
+                 max_new_tokens=args.max_new_tokens, sampling=(mode,),
                  media="pixel_values" in inputs or "pixel_values_videos" in inputs)
 
     stop_ids, _ = stop_and_pad_ids(model_dir, model.config)
@@ -260,7 +279,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from ov_jax import compare
 
     if args.video is not None:
-        check_file(args.video, "video")
+        check_video(args.video)
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.tolerance is not None and not args.tolerance > 0:
@@ -349,7 +368,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     cmp.add_argument("--model", required=True, help="transformers checkpoint directory or hub id")
     cmp.add_argument("--jax-model", help="load the ov_jax side from here instead (e.g. the converted copy of --model)")
     cmp.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file; repeatable")
-    cmp.add_argument("--video", metavar="PATH", help="a video file (decoded and preprocessed by ov_jax for both models)")
+    cmp.add_argument("--video", metavar="PATH",
+                     help="a video file (decoded and preprocessed by ov_jax for both models)")
     cmp.add_argument("--num-frames", type=int, default=8, help="frames sampled from --video (default 8)")
     cmp.add_argument("--prompt", help="the user's question (default: a generic describe prompt)")
     cmp.add_argument("--dtype", choices=DTYPES, default="float32", help="both models' dtype (default float32)")

@@ -174,7 +174,7 @@ def compare(model: str | os.PathLike, *, jax_model: str | os.PathLike | None = N
     hf_bars = transformers.utils.logging.is_progress_bar_enabled()
     if not progress:
         transformers.utils.logging.disable_progress_bar()  # its weight-loading bar too
-    with tqdm(total=8, desc="comparing", unit="stage", disable=not progress,
+    with tqdm(total=8, desc="comparing", unit="stage", disable=not progress, leave=False,
               bar_format="{desc}: {n_fmt}/{total_fmt} {postfix} [{elapsed}]") as bar:
         started = []
 

@@ -244,8 +244,8 @@ def test_batch_answers_a_jsonl(workdir, converted_dir, cli_env, transformers_ans
     requests.write_text(json.dumps({"id": "img", "prompt": PROMPT, "images": [SAMPLE_IMAGE]}) + "\n"
                         + json.dumps({"id": "txt", "prompt": "Tell me a story."}) + "\n")
     answers = workdir / "answers.jsonl"
-    result = ov_jax("batch", "--model", "tiny-converted", "--input", requests, "--output", answers, "--dtype", "float32",
-                    "--max-new-tokens", 6, "--batch-size", 2, cwd=workdir, env=cli_env)
+    result = ov_jax("batch", "--model", "tiny-converted", "--input", requests, "--output", answers,
+                    "--dtype", "float32", "--max-new-tokens", 6, "--batch-size", 2, cwd=workdir, env=cli_env)
     assert_ok(result)
     assert "2 requests: 0 already done, 2 answered, 0 failed" in result.stdout
     records = {r["id"]: r for r in map(json.loads, answers.read_text().splitlines())}
@@ -292,10 +292,15 @@ def test_bench_decode_on_the_0_5b_architecture(tmp_path, cli_env):
 # ------------------------------------------------------------------------------------------- error paths
 
 
+def visible_lines(text: str) -> list[str]:
+    """What a terminal shows: per line, the text after the last carriage return (tqdm bars redraw with \\r)."""
+    return [shown for line in text.split("\n") if (shown := line.rpartition("\r")[2].strip())]
+
+
 def one_error_line(capsys, argv) -> str:
     assert cli.main(argv) == cli.EXIT_ERROR
     out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
+    lines = visible_lines(err)
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err and out == ""
     return lines[0]
@@ -309,8 +314,8 @@ def garbage_image(tmp_path):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["generate", "--model", "/no/such/checkpoint", "--prompt", "hi"], "checkpoint directory '/no/such/checkpoint' does not exist"),
-    (["generate", "--model", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "--prompt", "hi"], "pass its local directory"),
+    (["generate", "--model", "/no/such/dir", "--prompt", "hi"], "checkpoint directory '/no/such/dir' does not exist"),
+    (["generate", "--model", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "--prompt", "x"], "pass its local directory"),
     (["generate", "--model", "m", "--image", "/no/such.png", "--prompt", "hi"], "image '/no/such.png' does not exist"),
     (["generate", "--model", "m", "--image", "GARBAGE", "--prompt", "hi"], "cannot read image"),
     (["generate", "--model", "m", "--video", "/no/such.mp4", "--prompt", "hi"], "video '/no/such.mp4' does not exist"),
@@ -324,6 +329,14 @@ def garbage_image(tmp_path):
 def test_bad_input_is_one_line(capsys, garbage_image, argv, expected):
     argv = [str(garbage_image) if a == "GARBAGE" else a for a in argv]
     assert expected in one_error_line(capsys, argv)
+
+
+def test_errors_after_loading_started_are_one_line(capsys, tiny_dir, tmp_path):
+    broken_video = tmp_path / "broken.mp4"
+    broken_video.write_bytes(b"\x00" * 1000)
+    base = ["generate", "--model", str(tiny_dir), "--prompt", "hi"]
+    assert "cannot read video" in one_error_line(capsys, base + ["--video", str(broken_video)])
+    assert "lower max_new_tokens" in one_error_line(capsys, base + ["--max-new-tokens", "100000"])
 
 
 def test_existing_outputs_are_refused(capsys, tiny_dir, converted_dir):
