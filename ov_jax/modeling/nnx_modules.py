@@ -26,7 +26,7 @@ def _to_nnx(tree: Any, specs: Any) -> Any:
 
 
 def _pure(module: nnx.Module, name: str) -> dict:
-    return nnx.state(getattr(module, name), nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(getattr(module, name), nnx.Param))
 
 
 class _ParamsModule(nnx.Module):
