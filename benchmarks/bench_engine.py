@@ -34,9 +34,10 @@ WORKLOADS = ("decode", "image", "video")
 IMAGE_SIZE = (899, 1024)
 VIDEO_FRAMES = 8
 PROMPT_TEXT = 32
-DECODE_NEW = {"float32": 64, "bfloat16": 16}
-HF_DECODE_NEW = {"float32": 64, "bfloat16": 4}
-# transformers' bf16 matmuls run at ~1 GFLOP/s on this AVX2 CPU (no bf16 units): a 10-tile prefill would take hours.
+DECODE_NEW = {"float32": 48, "bfloat16": 24}
+REPEATS = 2  # decode timings are the best of this many runs (the machine is shared)
+# torch's bf16 GEMMs run at ~1.7 GFLOP/s on this AVX2 CPU (no bf16 units; its bf16 GEMV is fast): a 10-tile
+# prefill would take hours, so transformers' bf16 prefill is not run.
 HF_SKIP = {("bfloat16", "image"), ("bfloat16", "video")}
 
 
@@ -71,11 +72,22 @@ def lm_bytes_per_token(config, itemsize: int) -> int:
 # --- inputs (identical for both systems) ----------------------------------------------------------------------
 
 
+def bench_config():
+    """The 0.5B architecture (``OneVisionConfig()`` defaults), or the tiny test config with ``--preset tiny``
+    (a seconds-long dry run of the whole script)."""
+    from ov_jax.config import OneVisionConfig
+    from ov_jax.presets import preset
+
+    if os.environ.get("OV_BENCH_PRESET") == "tiny":
+        return preset("tiny").replace(image_token_id=300, video_token_id=301)
+    return OneVisionConfig()
+
+
 def inputs(config, workload: str, batch: int = 1) -> dict:
     from ov_jax.geometry import image_tile_count, image_token_count, video_token_count
 
     rng = np.random.default_rng({"decode": 0, "image": 1, "video": 2}[workload] + 10 * batch)
-    text = lambda n: rng.integers(1000, 100000, n)
+    text = lambda n: rng.integers(1, min(100000, config.image_token_id), n)
     if workload == "decode":
         return dict(input_ids=np.stack([text(PROMPT_TEXT) for _ in range(batch)]))
     if workload == "image":
@@ -96,17 +108,23 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def decode_rate(generate, batch: int, new: int) -> float:
+    """Tokens/s of decoding alone: best-of-N time of ``new + 1`` tokens minus best-of-N time of 1 token."""
+    first = min(timed(lambda: generate(1)) for _ in range(REPEATS))
+    full = min(timed(lambda: generate(new + 1)) for _ in range(REPEATS))
+    return batch * new / (full - first)
+
+
 # --- ov_jax ---------------------------------------------------------------------------------------------------
 
 
 def run_jax(dtype: str, workloads: list[str]) -> dict:
     import jax
 
-    from ov_jax.config import OneVisionConfig
     from ov_jax.engine import Buckets, Engine
     from ov_jax.params import random_params
 
-    config = OneVisionConfig()
+    config = bench_config()
     np_dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}[dtype]
     params = jax.tree.map(jax.device_put, random_params(config, dtype=np_dtype))  # zero-copy on CPU
     engine = Engine(config, params, dtype, Buckets())
@@ -116,18 +134,14 @@ def run_jax(dtype: str, workloads: list[str]) -> dict:
         for batch in (1, 8):
             req = inputs(config, "decode", batch)
             compiled = engine.warmup([batch], [engine.buckets.prompt_bucket(PROMPT_TEXT)], new + 1, media=False,
-                                     progress=False)
-            engine.loop = "device"
-            compiled += engine.warmup([batch], [engine.buckets.prompt_bucket(PROMPT_TEXT)], new + 1, media=False,
-                                      progress=False)
+                                     streaming=True, progress=False)  # both decode loops
             out[f"compile_s_decode_b{batch}"] = sum(r.seconds for r in compiled)
             for loop in ("python", "device"):
                 engine.loop = loop
-                first = timed(lambda: engine.generate(**req, max_new_tokens=1, stop_token_ids=[]))
-                full = timed(lambda: engine.generate(**req, max_new_tokens=new + 1, stop_token_ids=[]))
-                out[f"decode_tok_s_b{batch}_{loop}"] = batch * new / (full - first)
+                run = lambda n: engine.generate(**req, max_new_tokens=n, stop_token_ids=[])
+                out[f"decode_tok_s_b{batch}_{loop}"] = decode_rate(run, batch, new)
             out[f"decode_tok_s_b{batch}"] = max(out[f"decode_tok_s_b{batch}_{loop}"] for loop in ("python", "device"))
-        engine.loop = "python"
+        engine.loop = "device"
     for workload in ("image", "video"):
         if workload not in workloads:
             continue
@@ -150,10 +164,9 @@ def run_hf(dtype: str, workloads: list[str]) -> dict:
     import torch
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    from ov_jax.config import OneVisionConfig
     from ov_jax.presets import to_hf_dict
 
-    config = OneVisionConfig()
+    config = bench_config()
     torch.manual_seed(0)
     hf_config = LlavaOnevisionConfig(**to_hf_dict(config))
     hf_config._attn_implementation = "eager"
@@ -170,14 +183,12 @@ def run_hf(dtype: str, workloads: list[str]) -> dict:
             model.generate(**tensors, attention_mask=torch.ones_like(tensors["input_ids"]), max_new_tokens=new,
                            min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
 
-    new = HF_DECODE_NEW[dtype]
+    new = DECODE_NEW[dtype]
     if "decode" in workloads:
         for batch in (1, 8):
             req = inputs(config, "decode", batch)
-            generate(req, 2)  # first-call overheads
-            first = timed(lambda: generate(req, 1))
-            full = timed(lambda: generate(req, new + 1))
-            out[f"decode_tok_s_b{batch}"] = batch * new / (full - first)
+            generate(req, 2)  # first-call overheads (oneDNN primitive creation etc.)
+            out[f"decode_tok_s_b{batch}"] = decode_rate(lambda n: generate(req, n), batch, new)
     for workload in ("image", "video"):
         if workload in workloads and (dtype, workload) not in HF_SKIP:
             req = inputs(config, workload)
@@ -189,45 +200,71 @@ def run_hf(dtype: str, workloads: list[str]) -> dict:
 # --- driver ---------------------------------------------------------------------------------------------------
 
 
-def child(system: str, dtype: str, workloads: list[str]) -> dict:
-    """Run one system in a fresh process; its last stdout line is the JSON result."""
-    cmd = [sys.executable, __file__, "--child", system, "--dtypes", dtype, "--workloads", ",".join(workloads)]
+def child(system: str, dtype: str, workload: str) -> dict:
+    """Run one system on one workload in a fresh process; its last stdout line is the JSON result."""
+    cmd = [sys.executable, __file__, "--child", system, "--dtypes", dtype, "--workloads", workload,
+           "--preset", os.environ["OV_BENCH_PRESET"]]
     print("running", " ".join(cmd[2:]), flush=True)
+    load = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         sys.stderr.write(proc.stderr[-4000:])
-        return {"system": system, "dtype": dtype, "error": proc.stderr.strip().splitlines()[-1:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"error": proc.stderr.strip().splitlines()[-1:]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["load_avg"] = {workload: [round(load, 2), round(os.getloadavg()[0], 2)]}
+    return result
 
 
-def ratio(a, b):
-    return f"{a / b:.2f}x" if a and b else "-"
+def merge(total: dict, part: dict) -> dict:
+    """Combine one system's per-workload results: peak RSS is the max, compile times add up."""
+    for key, value in part.items():
+        if key == "peak_rss_gb":
+            total[key] = max(total.get(key, 0.0), value)
+        elif key in ("compile_s_total",):
+            total[key] = total.get(key, 0.0) + value
+        elif isinstance(value, dict):
+            total.setdefault(key, {}).update(value)
+        elif isinstance(value, list) and key in total:
+            total[key] = total[key] + value
+        else:
+            total[key] = value
+    return total
+
+
+def speedup(ours, reference, higher_is_better: bool) -> str:
+    if not ours or not reference:
+        return "-"
+    return f"{(ours / reference if higher_is_better else reference / ours):.2f}x"
 
 
 def table(results: dict) -> str:
+    """Markdown table of every measured number, with ov_jax's speed-up over transformers."""
     bw = results["bandwidth_gb_s"]
-    lines = [f"read bandwidth {bw:.1f} GB/s (numpy, {os.cpu_count()} threads)", "",
-             "| metric | dtype | ov_jax | transformers | ov_jax / transformers |", "|---|---|---|---|---|"]
+    lines = [f"read bandwidth {bw:.1f} GB/s (numpy streaming sum, {os.cpu_count()} threads)", "",
+             "| metric | dtype | ov_jax | transformers | speed-up |", "|---|---|---|---|---|"]
+    fmt = lambda run, key, f: f.format(run[key]) if key in run else "not run"
     for dtype, runs in results["runs"].items():
         ours, ref = runs.get("ov_jax", {}), runs.get("transformers", {})
-        roof = bw * 1e9 / results["lm_bytes_per_token"][dtype]
+        gb_per_token = results["lm_bytes_per_token"][dtype] / 1e9
         for batch in (1, 8):
             key = f"decode_tok_s_b{batch}"
             if key in ours or key in ref:
-                loops = " / ".join(f"{ours.get(f'{key}_{lp}', 0):.2f}" for lp in ("python", "device"))
-                lines.append(f"| decode tok/s, batch {batch} (python / device loop: {loops}) | {dtype} | "
-                             f"{ours.get(key, 0):.2f} | {ref.get(key, 0):.2f} | {ratio(ours.get(key), ref.get(key))} |")
+                loops = " / ".join(fmt(ours, f"{key}_{loop}", "{:.2f}") for loop in ("python", "device"))
+                lines.append(f"| decode tok/s, batch {batch} (ov_jax python / device loop: {loops}) | {dtype} | "
+                             f"{fmt(ours, key, '{:.2f}')} | {fmt(ref, key, '{:.2f}')} | "
+                             f"{speedup(ours.get(key), ref.get(key), True)} |")
         if "decode_tok_s_b1" in ours:
-            lines.append(f"| batch-1 roofline tok/s ({results['lm_bytes_per_token'][dtype] / 1e9:.2f} GB/token) | "
-                         f"{dtype} | {roof:.2f} | | ov_jax at {ours['decode_tok_s_b1'] / roof:.0%} |")
+            roof = bw / gb_per_token
+            lines.append(f"| batch-1 roofline tok/s ({gb_per_token:.2f} GB read per token) | {dtype} | {roof:.2f} | "
+                         f"| ov_jax at {ours['decode_tok_s_b1'] / roof:.0%} |")
         for workload in ("image", "video"):
             key = f"prefill_s_{workload}"
             if key in ours or key in ref:
-                speedup = ratio(ref.get(key), ours.get(key))
-                lines.append(f"| prefill s, {workload} | {dtype} | {ours.get(key, 0):.1f} | "
-                             f"{ref.get(key, 'skipped') if key not in ref else f'{ref[key]:.1f}'} | {speedup} |")
-        lines.append(f"| peak RSS GB | {dtype} | {ours.get('peak_rss_gb', 0):.2f} | {ref.get('peak_rss_gb', 0):.2f} | |")
-        lines.append(f"| compile s (all buckets used) | {dtype} | {ours.get('compile_s_total', 0):.1f} | 0 | |")
+                lines.append(f"| prefill s, {workload} | {dtype} | {fmt(ours, key, '{:.1f}')} | "
+                             f"{fmt(ref, key, '{:.1f}')} | {speedup(ours.get(key), ref.get(key), False)} |")
+        lines.append(f"| peak RSS GB | {dtype} | {fmt(ours, 'peak_rss_gb', '{:.2f}')} | "
+                     f"{fmt(ref, 'peak_rss_gb', '{:.2f}')} | |")
+        lines.append(f"| compile s (every bucket used) | {dtype} | {fmt(ours, 'compile_s_total', '{:.1f}')} | - | |")
     return "\n".join(lines)
 
 
@@ -238,7 +275,10 @@ def main(argv=None) -> None:
     parser.add_argument("--systems", default="ov_jax,transformers")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results.json"))
     parser.add_argument("--child", choices=("ov_jax", "transformers"))
+    parser.add_argument("--preset", choices=("0.5b", "tiny"), default="0.5b",
+                        help="tiny: a quick dry run of the script on the tiny test architecture")
     args = parser.parse_args(argv)
+    os.environ["OV_BENCH_PRESET"] = args.preset
     workloads = [w for w in args.workloads.split(",") if w]
     unknown = set(workloads) - set(WORKLOADS)
     if unknown:
@@ -248,10 +288,9 @@ def main(argv=None) -> None:
         print(json.dumps(run(args.dtypes, workloads)))
         return
 
-    from ov_jax.config import OneVisionConfig
-
-    config = OneVisionConfig()
+    config = bench_config()
     results = {
+        "preset": args.preset,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "uname": " ".join(platform.uname()),
                     "load_avg_at_start": os.getloadavg()},
@@ -260,8 +299,11 @@ def main(argv=None) -> None:
                                for d in args.dtypes.split(",")},
         "runs": {},
     }
-    for dtype in args.dtypes.split(","):
-        results["runs"][dtype] = {s: child(s, dtype, workloads) for s in args.systems.split(",")}
+    for dtype in args.dtypes.split(","):  # per workload, the systems run back to back (similar machine load)
+        runs = results["runs"][dtype] = {s: {} for s in args.systems.split(",")}
+        for workload in workloads:
+            for system in runs:
+                merge(runs[system], child(system, dtype, workload))
         print(table(results), flush=True)
     results["machine"]["load_avg_at_end"] = os.getloadavg()
     with open(args.out, "w") as f:

@@ -15,7 +15,6 @@ from typing import Sequence
 
 import numpy as np
 
-from ov_jax.config import OneVisionConfig
 from ov_jax.media_plan import MediaPlan
 
 
@@ -149,7 +148,7 @@ def _left_pad(x: np.ndarray, length: int, rows: int, fill=0) -> np.ndarray:
 
 
 def pad_request(input_ids: np.ndarray, mask: np.ndarray, plan: MediaPlan, buckets: Buckets,
-                config: OneVisionConfig, pad_token_id: int) -> PaddedRequest:
+                pad_token_id: int) -> PaddedRequest:
     """Left-pad a (left-padded, pad-column-free) request and its media plan up to its buckets."""
     rows, length = input_ids.shape
     media_per_row = (plan.is_media & mask).sum(axis=1)

@@ -230,7 +230,7 @@ class Engine:
         check_left_padded(mask)
         ids, mask = drop_pad_columns(ids, mask)
         plan = build_media_plan(ids, self.config, pixel_values, image_sizes, batch_num_images, pixel_values_videos)
-        return pad_request(ids, mask, plan, self.buckets, self.config, pad_token_id)
+        return pad_request(ids, mask, plan, self.buckets, pad_token_id)
 
     def _media_rows(self, req: PaddedRequest) -> jax.Array:
         b, t = req.batch, req.prompt_length

@@ -48,7 +48,7 @@ GREEDY = SamplingMode()
 
 def check_sampling_args(do_sample: bool, temperature: float, top_k: int, top_p: float) -> None:
     """Reject values transformers rejects, with the same meaning."""
-    if not isinstance(top_k, (int,)) or isinstance(top_k, bool) or top_k < 0:
+    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}")
     if not 0.0 <= float(top_p) <= 1.0:
         raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")

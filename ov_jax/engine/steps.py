@@ -10,8 +10,8 @@ Shapes depend only on buckets. Two KV-cache layouts:
   arrays (zero-copy views of the stacked ones on CPU, see :func:`split_layers`) and a heads-major
   cache avoid both.
 
-Prefill always runs the reference path (``qwen2.decoder`` with a prompt-length cache), so its
-numerics are the model's; decode reuses the same building blocks.
+Prefill runs the reference path (``qwen2.decoder`` with a prompt-length cache) with a blocked causal
+attention (:func:`causal_block_attention`, exact); decode reuses the same building blocks.
 """
 
 from __future__ import annotations
