@@ -202,7 +202,7 @@ def test_blocked_causal_prefill_attention_equals_the_full_square():
     import jax.numpy as jnp
 
     from ov_jax.engine.steps import causal_block_attention
-    from ov_jax.modeling.layers import attention
+    from ov_jax.modeling.layers import attention, attention_by_head
     from ov_jax.modeling.qwen2 import attention_mask
 
     rng = np.random.default_rng(8)
@@ -212,3 +212,21 @@ def test_blocked_causal_prefill_attention_equals_the_full_square():
     mask = attention_mask(jnp.asarray(valid), jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.arange(t))
     full, blocked = attention(q, k, v, mask), causal_block_attention(q, k, v, mask, block=128)
     np.testing.assert_allclose(np.asarray(blocked)[valid], np.asarray(full)[valid], atol=2e-6)
+    by_head = causal_block_attention(q, k, v, mask, block=128, attend=attention_by_head)
+    np.testing.assert_allclose(np.asarray(by_head)[valid], np.asarray(full)[valid], atol=2e-6)
+
+
+@pytest.mark.parametrize("heads,kv_heads,masked", [(4, 2, True), (3, 3, False), (6, 1, True)])
+def test_per_head_attention_equals_the_batched_one(heads, kv_heads, masked):
+    """The CPU engine's attention (one 2-D product per kv head) against ``layers.attention``: GQA groups,
+    bidirectional (no mask) and arbitrary masks."""
+    import jax.numpy as jnp
+
+    from ov_jax.modeling.layers import attention, attention_by_head
+
+    rng = np.random.default_rng(heads)
+    q = jnp.asarray(rng.standard_normal((2, 9, heads, 8), np.float32))
+    k, v = (jnp.asarray(rng.standard_normal((2, 11, kv_heads, 8), np.float32)) for _ in range(2))
+    mask = jnp.asarray(rng.random((2, 9, 11)) > 0.4) if masked else None
+    np.testing.assert_allclose(np.asarray(attention_by_head(q, k, v, mask)), np.asarray(attention(q, k, v, mask)),
+                               atol=1e-6)

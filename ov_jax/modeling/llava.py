@@ -6,12 +6,14 @@ once per bucket. The host plan (`ov_jax.media_plan`) decides everything size-dep
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
 from ov_jax.config import OneVisionConfig
 from ov_jax.modeling import qwen2, siglip
-from ov_jax.modeling.layers import dense, gelu_exact
+from ov_jax.modeling.layers import attention, dense, gelu_exact
 
 
 def project(params: dict, features: jax.Array) -> jax.Array:
@@ -19,9 +21,10 @@ def project(params: dict, features: jax.Array) -> jax.Array:
     return dense(gelu_exact(dense(features, params["linear_1"])), params["linear_2"])
 
 
-def media_features(params: dict, tower_inputs: jax.Array, config: OneVisionConfig, dtype) -> jax.Array:
+def media_features(params: dict, tower_inputs: jax.Array, config: OneVisionConfig, dtype,
+                   attend: Callable = attention) -> jax.Array:
     """Projected features of every tile and frame, ``[N, 729, H]``."""
-    feats = siglip.vision_features(params["vision"], tower_inputs, config, dtype)
+    feats = siglip.vision_features(params["vision"], tower_inputs, config, dtype, attend)
     return project(params["projector"], feats)
 
 

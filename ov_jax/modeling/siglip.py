@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from ov_jax.config import OneVisionConfig
+from typing import Callable
+
 from ov_jax.modeling.layers import attention, dense, gelu_tanh, layer_norm, merge_heads, project_heads
 
 
@@ -29,17 +31,20 @@ def patch_embed(params: dict, pixels: jax.Array, config: OneVisionConfig, dtype)
     return x + params["pos_embed"].astype(dtype)
 
 
-def encoder_layer(x: jax.Array, lp: dict, eps: float) -> jax.Array:
+def encoder_layer(x: jax.Array, lp: dict, eps: float, attend: Callable = attention) -> jax.Array:
     """Pre-LN block: bidirectional attention, then tanh-GELU MLP, all projections with bias."""
     h = layer_norm(x, lp["ln1"], eps)
     q, k, v = (project_heads(h, lp[name]) for name in ("q", "k", "v"))
-    x = x + merge_heads(attention(q, k, v, mask=None), lp["o"])
+    x = x + merge_heads(attend(q, k, v, None), lp["o"])
     h = layer_norm(x, lp["ln2"], eps)
     return x + dense(gelu_tanh(dense(h, lp["fc1"])), lp["fc2"])
 
 
-def vision_features(params: dict, pixels: jax.Array, config: OneVisionConfig, dtype=jnp.float32) -> jax.Array:
-    """Selected hidden state(s) of the tower: ``[N, 729, Dv · len(feature_layers)]``."""
+def vision_features(params: dict, pixels: jax.Array, config: OneVisionConfig, dtype=jnp.float32,
+                    attend: Callable = attention) -> jax.Array:
+    """Selected hidden state(s) of the tower: ``[N, 729, Dv · len(feature_layers)]``.
+
+    ``attend`` replaces ``layers.attention`` (same signature), e.g. ``attention_by_head`` on CPU."""
     eps = config.vision.layer_norm_eps
     used = config.vision_layers_used
     layers = params["layers"]
@@ -48,8 +53,8 @@ def vision_features(params: dict, pixels: jax.Array, config: OneVisionConfig, dt
     x = patch_embed(params, pixels, config, dtype)
     wanted = config.feature_layers
     if wanted == (used,):
-        x, _ = jax.lax.scan(lambda h, lp: (encoder_layer(h, lp, eps), None), x, layers)
+        x, _ = jax.lax.scan(lambda h, lp: (encoder_layer(h, lp, eps, attend), None), x, layers)
         return x
-    _, hidden = jax.lax.scan(lambda h, lp: (encoder_layer(h, lp, eps),) * 2, x, layers)
+    _, hidden = jax.lax.scan(lambda h, lp: (encoder_layer(h, lp, eps, attend),) * 2, x, layers)
     states = jnp.concatenate([x[None], hidden], axis=0)  # index i = output of layer i (0 = embeddings)
     return jnp.concatenate([states[i] for i in wanted], axis=-1)
