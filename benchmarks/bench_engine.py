@@ -45,6 +45,15 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def measure_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> float:
     """Streaming read bandwidth (bytes/s): one numpy sum per core over its slice of a large array, best of N."""
     data = np.ones(int(gigabytes * 1e9) // 8)
@@ -291,7 +300,7 @@ def main(argv=None) -> None:
     config = bench_config()
     results = {
         "preset": args.preset,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "uname": " ".join(platform.uname()),
                     "load_avg_at_start": os.getloadavg()},
         "bandwidth_gb_s": measure_bandwidth() / 1e9,

@@ -210,8 +210,9 @@ def test_loss_matches_transformers(pair):
 def test_bfloat16_top1_agreement(tiny_ckpt, pair):
     """bfloat16 greedy tokens vs our float32 ones, measured against what transformers' own bfloat16 run
     achieves on the same inputs. The tiny checkpoint is deliberately sharp (large q/k gains, 64-wide
-    hidden), so bf16 rounding flips ~4% of its top-1 tokens in transformers too; the issue's >= 99% target
-    is not reachable on it, and we require being no worse than the reference (-0.5%) instead."""
+    hidden), so bf16 rounding flips ~4% of its top-1 tokens in transformers too (measured: ours 95.7%,
+    transformers 95.8%); here ours must be no worse than the reference (-0.5%). The >= 99% criterion is
+    checked on a confident model in the next test."""
     ref, ours32 = pair
     ours16 = LlavaOnevision.from_pretrained(tiny_ckpt, dtype="bfloat16")
     ids, mask, media = _mixed_batch(ours32.config, np.random.default_rng(6))
@@ -227,6 +228,57 @@ def test_bfloat16_top1_agreement(tiny_ckpt, pair):
     ours_agreement, ref_agreement = (top16 == top32).mean(), (hf16 == top32).mean()
     assert ours_agreement >= ref_agreement - 0.005, (ours_agreement, ref_agreement)
     assert ours_agreement >= 0.9
+
+
+def test_bfloat16_top1_agreement_on_a_confident_model(tiny_ckpt):
+    """The issue's >= 99% criterion, on a model whose predictions have the margins of a trained one.
+
+    A random checkpoint's logits are near-Gaussian, so a few % of positions have top-2 gaps below bf16's
+    rounding noise for any implementation (transformers' bf16 included, see above). Trained models are
+    confident; so here the tiny model's lm_head is fitted (cross-entropy, adam) to its own float32 top-1
+    tokens on the mixed image / multi-image / video / text batch until the margins are wide, and bf16 must
+    then agree with float32 on >= 99% of all valid positions (measured 99.7%). Not a weak bar: scores cast
+    to bf16 before the softmax drop it to 52%.
+    """
+    import jax
+    import optax
+
+    from ov_jax.modeling import qwen2
+
+    base = LlavaOnevision.from_pretrained(tiny_ckpt)
+    config, params = base.config, base.params
+    assert "lm_head" in params["text"], "the tiny_ckpt fixture is untied"
+    ids, mask, media = _mixed_batch(config, np.random.default_rng(9))
+    valid = mask.astype(bool)
+    plan = build_media_plan(ids, config, media["pixel_values"], media["image_sizes"], media["batch_num_images"],
+                            media["pixel_values_videos"])
+
+    @jax.jit
+    def final_hidden(params):
+        embeds = llava.merged_embeddings(params, jnp.asarray(ids), plan.tower_inputs, plan.tap_index,
+                                         plan.tap_weight, plan.is_media, config, jnp.float32)
+        positions = jnp.asarray(np.maximum(np.cumsum(mask, axis=1) - 1, 0))
+        return qwen2.decoder(params["text"], embeds, positions, jnp.asarray(valid), config.text)[0]
+
+    hidden = final_hidden(params)[valid]
+    targets = jnp.asarray(np.asarray(base(ids, mask, **media).logits)[valid].argmax(-1))
+    optimizer = optax.adam(1e-2)
+
+    @jax.jit
+    def step(head, state):
+        loss = lambda h: optax.softmax_cross_entropy_with_integer_labels(hidden @ h["kernel"], targets).mean()
+        updates, state = optimizer.update(jax.grad(loss)(head), state)
+        return optax.apply_updates(head, updates), state
+
+    head = params["text"]["lm_head"]
+    state = optimizer.init(head)
+    for _ in range(200):
+        head, state = step(head, state)
+    tuned = dict(params, text=dict(params["text"], lm_head=head))
+    top32 = np.asarray(LlavaOnevision.from_params(config, tuned)(ids, mask, **media).logits)[valid].argmax(-1)
+    top16 = np.asarray(LlavaOnevision.from_params(config, tuned, "bfloat16")(ids, mask, **media).logits)[valid]
+    agreement = (top16.argmax(-1) == top32).mean()
+    assert agreement >= 0.99, agreement
 
 
 def test_placeholder_mismatch_is_a_clear_error(pair):
