@@ -36,11 +36,14 @@ def layer_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def rms_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
-    """Qwen2 RMSNorm: normalise in float32, cast back, then multiply by the weight."""
+def rms_norm(x: jax.Array, p: dict, eps: float, axis: int = -1) -> jax.Array:
+    """Qwen2 RMSNorm over ``axis`` (the features; 0 for feature-major ``[H, B]``): normalise in float32,
+    cast back, then multiply by the weight."""
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + eps)
-    return p["scale"].astype(x.dtype) * y.astype(x.dtype)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis, keepdims=True) + eps)
+    scale_shape = [1] * x.ndim
+    scale_shape[axis] = -1
+    return p["scale"].astype(x.dtype).reshape(scale_shape) * y.astype(x.dtype)
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
