@@ -96,8 +96,11 @@ def _reference():
 def reference_processor(path):
     """transformers' processor for images + text, without the torchvision-only video processor.
 
-    ``AutoProcessor`` fails without torchvision (``LlavaOnevisionVideoProcessor`` needs it); this subclass
-    drops the video processor and reads everything else from the checkpoint as ``AutoProcessor`` would.
+    ``AutoProcessor`` fails without torchvision (``LlavaOnevisionVideoProcessor`` needs it) and
+    ``LlavaOnevisionProcessor(video_processor=None, ...)`` fails its class check; this subclass drops the
+    video processor and reads everything else from the checkpoint as ``AutoProcessor`` would
+    (``LlavaOnevisionImageProcessorPil``, the PIL backend this port reproduces; ``Qwen2Tokenizer``; token
+    counts, select strategy, aspect ratio and chat template from the checkpoint). The tests use it too.
     Videos may still be passed as already preprocessed ``pixel_values_videos`` ``[V, F, 3, H, W]``: they
     are taken as they are, and transformers' own code expands the ``<video>`` tokens for them.
     """

@@ -27,27 +27,3 @@ def tiny_ckpt_tied(tmp_path_factory):
     from ov_jax.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny_ckpt_tied"), tie_word_embeddings=True)
-
-
-def reference_processor(path):
-    """The transformers 5.24 reference processor (images + text) for a checkpoint directory.
-
-    Use this instead of ``AutoProcessor.from_pretrained(path)``: without torchvision (our CPU setup),
-    ``AutoProcessor`` raises ImportError because ``LlavaOnevisionVideoProcessor`` requires torchvision, and
-    ``LlavaOnevisionProcessor(video_processor=None, ...)`` fails its class check. This subclass drops the
-    ``video_processor`` argument, so ``from_pretrained`` reads everything else exactly as ``AutoProcessor``
-    would: ``AutoImageProcessor`` picks ``LlavaOnevisionImageProcessorPil`` (the PIL/NumPy backend that is
-    the reference for this port), the tokenizer is ``Qwen2Tokenizer`` from tokenizer.json, and
-    num_image_tokens / vision_feature_select_strategy / vision_aspect_ratio / chat template come from the
-    checkpoint. Calls with ``videos=`` are not supported (the reference video processor needs torchvision).
-    """
-    from transformers import LlavaOnevisionProcessor
-
-    class LlavaOnevisionImageTextProcessor(LlavaOnevisionProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
-                     vision_feature_select_strategy=None, chat_template=None, image_token="<image>",
-                     video_token="<video>", vision_aspect_ratio="anyres_max_9", **kwargs):
-            super().__init__(image_processor, tokenizer, None, num_image_tokens, vision_feature_select_strategy,
-                             chat_template, image_token, video_token, vision_aspect_ratio, **kwargs)
-
-    return LlavaOnevisionImageTextProcessor.from_pretrained(path)

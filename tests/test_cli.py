@@ -86,7 +86,7 @@ def transformers_answer(tiny_dir):
     transformers = pytest.importorskip("transformers")
     from PIL import Image
 
-    from conftest import reference_processor
+    from ov_jax.compare import reference_processor
 
     processor = reference_processor(tiny_dir)
     messages = cli.conversation(PROMPT, [Image.open(SAMPLE_IMAGE).convert("RGB")])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import reference_processor
+from ov_jax.compare import reference_processor
 from ov_jax.processing import LlavaOnevisionProcessor
 
 TWO_LEVELS = 2 / 255 / 0.5 + 1e-6  # two uint8 levels after (x/255 - 0.5) / 0.5

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import reference_processor
+from ov_jax.compare import reference_processor
 from ov_jax.processing import LlavaOnevisionProcessor
 
 IMAGE_MEAN, IMAGE_STD = [0.25, 0.5, 0.75], [0.2, 0.3, 0.4]

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import reference_processor
+from ov_jax.compare import reference_processor
 from safetensors import safe_open
 
 from ov_jax.config import load_config

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import reference_processor
+from ov_jax.compare import reference_processor
 from ov_jax import geometry
 from ov_jax.processing import LlavaOnevisionProcessor
 
