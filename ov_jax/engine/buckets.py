@@ -36,7 +36,8 @@ class Buckets:
     batch: row counts a batch is padded up to.
     prompt: prompt lengths (text + media tokens) a prompt is left-padded up to. Prefill cost grows with
         the bucket, so the default ladder is fine where images land (one anyres image: 757 to ~8.8k
-        tokens; an 8-frame video: 1569); only the buckets a deployment warms up are ever compiled.
+        tokens; an 8-frame video: 1569) and at the short end (text chat turns); only the buckets a
+        deployment warms up are ever compiled.
     cache: KV cache lengths; a request gets the smallest one that holds its padded prompt plus the new
         tokens (decode cost grows with the cache length, so keep these close to real needs).
     tower_chunk: tiles/frames per vision-tower call; None picks 1 on CPU (no padding waste, the
@@ -44,10 +45,10 @@ class Buckets:
     """
 
     batch: tuple[int, ...] = (1, 2, 4, 8)
-    prompt: tuple[int, ...] = (128, 256, 512, 1024, 1536, 2048, 3072, 4096, 5120, 6144, 7168, 8192, 10240, 12288,
-                               16384)
-    cache: tuple[int, ...] = (256, 512, 1024, 2048, 3072, 4096, 5120, 6144, 7168, 8192, 9216, 10240, 12288, 16384,
-                              20480, 24576, 32768)
+    prompt: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 5120, 6144, 7168, 8192,
+                               10240, 12288, 16384)
+    cache: tuple[int, ...] = (128, 256, 512, 1024, 2048, 3072, 4096, 5120, 6144, 7168, 8192, 9216, 10240, 12288,
+                              16384, 20480, 24576, 32768)
     tower_chunk: int | None = None
 
     def __post_init__(self):
