@@ -2,7 +2,10 @@
 
 One run measures, per dtype, on identical inputs (same seeds) in separate processes (so peak RSS is per system):
   * decode tokens/s at batch 1 and 8 (a 32-token text prompt; ``(t(N+1 new) - t(1 new))`` so prefill is excluded),
-    for the engine with both decode loops (jitted Python-driven step and ``lax.while_loop``);
+    for the engine with both decode loops (jitted Python-driven step and ``lax.while_loop``). Decode is measured
+    in paired rounds: both systems stay loaded (one process each) and take turns, so every round's speed-up
+    compares the two under the same machine state (a shared host's memory bandwidth drifts by 2x over minutes);
+    the table gives the median over rounds and the range of the per-round speed-ups;
   * prefill time (prompt → first token) for an 899x1024 image (10 tiles, 6567 tokens) and an 8-frame video;
   * peak RSS and, for the engine, compile time (AOT warm-up of exactly the buckets used);
   * the memory-bandwidth roofline: a numpy streaming read over all cores gives bytes/s, divided by the
@@ -35,7 +38,8 @@ IMAGE_SIZE = (899, 1024)
 VIDEO_FRAMES = 8
 PROMPT_TEXT = 32
 DECODE_NEW = {"float32": 48, "bfloat16": 24}
-REPEATS = 2  # decode timings are the best of this many runs (the machine is shared)
+ROUNDS = 5  # paired decode rounds (each: one rate per system, batch and loop)
+REPEATS = 2  # within a round, a rate uses the best of this many timings (drops one-off stalls)
 # torch's bf16 GEMMs run at ~1.7 GFLOP/s on this AVX2 CPU (no bf16 units; its bf16 GEMV is fast): a 10-tile
 # prefill would take hours, so transformers' bf16 prefill is not run.
 HF_SKIP = {("bfloat16", "image"), ("bfloat16", "video")}
@@ -127,7 +131,7 @@ def decode_rate(generate, batch: int, new: int) -> float:
 # --- ov_jax ---------------------------------------------------------------------------------------------------
 
 
-def run_jax(dtype: str, workloads: list[str]) -> dict:
+def jax_engine(dtype: str):
     import jax
 
     from ov_jax.engine import Buckets, Engine
@@ -136,24 +140,41 @@ def run_jax(dtype: str, workloads: list[str]) -> dict:
     config = bench_config()
     np_dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}[dtype]
     params = jax.tree.map(jax.device_put, random_params(config, dtype=np_dtype))  # zero-copy on CPU
-    engine = Engine(config, params, dtype, Buckets())
-    out: dict = {"system": "ov_jax", "dtype": dtype, "buckets": {}}
+    return config, Engine(config, params, dtype, Buckets())
+
+
+def jax_decoder(dtype: str):
+    """The engine warmed up for the decode workload; returns ``(measure(batch) -> {loop: tok/s}, info)``."""
+    config, engine = jax_engine(dtype)
     new = DECODE_NEW[dtype]
-    if "decode" in workloads:
-        for batch in (1, 8):
-            req = inputs(config, "decode", batch)
-            compiled = engine.warmup([batch], [engine.buckets.prompt_bucket(PROMPT_TEXT)], new + 1, media=False,
-                                     streaming=True, progress=False)  # both decode loops
-            out[f"compile_s_decode_b{batch}"] = sum(r.seconds for r in compiled)
-            for loop in ("python", "device"):
-                engine.loop = loop
-                run = lambda n: engine.generate(**req, max_new_tokens=n, stop_token_ids=[])
-                out[f"decode_tok_s_b{batch}_{loop}"] = decode_rate(run, batch, new)
-            out[f"decode_tok_s_b{batch}"] = max(out[f"decode_tok_s_b{batch}_{loop}"] for loop in ("python", "device"))
-        engine.loop = "device"
-    for workload in ("image", "video"):
-        if workload not in workloads:
-            continue
+    info: dict = {"system": "ov_jax", "dtype": dtype, "default_loop": engine.loop}
+    requests = {}
+    for batch in (1, 8):
+        requests[batch] = inputs(config, "decode", batch)
+        compiled = engine.warmup([batch], [engine.buckets.prompt_bucket(PROMPT_TEXT)], new + 1, media=False,
+                                 streaming=True, progress=False)  # both decode loops
+        info[f"compile_s_decode_b{batch}"] = sum(r.seconds for r in compiled)
+    default_loop = engine.loop
+
+    def measure(batch: int) -> dict:
+        rates = {}
+        for loop in ("python", "device"):
+            engine.loop = loop
+            run = lambda n: engine.generate(**requests[batch], max_new_tokens=n, stop_token_ids=[])
+            rates[loop] = decode_rate(run, batch, new)
+        engine.loop = default_loop
+        return rates
+
+    info["compile_s_total"] = sum(r.seconds for r in engine.compile_log)
+    info["compiled"] = [(r.name, list(r.key), round(r.seconds, 2)) for r in engine.compile_log]
+    return measure, info
+
+
+def run_jax(dtype: str, workloads: list[str]) -> dict:
+    """The prefill workloads (decode runs paired, see :func:`serve`)."""
+    config, engine = jax_engine(dtype)
+    out: dict = {"system": "ov_jax", "dtype": dtype, "buckets": {}}
+    for workload in workloads:
         req = inputs(config, workload)
         t = engine.buckets.prompt_bucket(req["input_ids"].shape[1])
         compiled = engine.warmup([1], [t], 1, progress=False)
@@ -169,7 +190,8 @@ def run_jax(dtype: str, workloads: list[str]) -> dict:
 # --- transformers ---------------------------------------------------------------------------------------------
 
 
-def run_hf(dtype: str, workloads: list[str]) -> dict:
+def hf_model(dtype: str):
+    """transformers' model on the benchmark architecture and ``generate(request, new_tokens)`` for it."""
     import torch
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
@@ -180,7 +202,6 @@ def run_hf(dtype: str, workloads: list[str]) -> dict:
     hf_config = LlavaOnevisionConfig(**to_hf_dict(config))
     hf_config._attn_implementation = "eager"
     model = LlavaOnevisionForConditionalGeneration(hf_config).eval().to(getattr(torch, dtype))
-    out: dict = {"system": "transformers", "dtype": dtype, "threads": torch.get_num_threads()}
 
     def generate(req, new):
         tensors = {k: torch.tensor(v) for k, v in req.items()}
@@ -192,27 +213,49 @@ def run_hf(dtype: str, workloads: list[str]) -> dict:
             model.generate(**tensors, attention_mask=torch.ones_like(tensors["input_ids"]), max_new_tokens=new,
                            min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
 
+    return config, generate, {"system": "transformers", "dtype": dtype, "threads": torch.get_num_threads()}
+
+
+def hf_decoder(dtype: str):
+    config, generate, info = hf_model(dtype)
+    requests = {batch: inputs(config, "decode", batch) for batch in (1, 8)}
+    for req in requests.values():
+        generate(req, 2)  # first-call overheads (oneDNN primitive creation etc.)
     new = DECODE_NEW[dtype]
-    if "decode" in workloads:
-        for batch in (1, 8):
-            req = inputs(config, "decode", batch)
-            generate(req, 2)  # first-call overheads (oneDNN primitive creation etc.)
-            out[f"decode_tok_s_b{batch}"] = decode_rate(lambda n: generate(req, n), batch, new)
-    for workload in ("image", "video"):
-        if workload in workloads and (dtype, workload) not in HF_SKIP:
+    return (lambda batch: {"eager": decode_rate(lambda n: generate(requests[batch], n), batch, new)}), info
+
+
+def run_hf(dtype: str, workloads: list[str]) -> dict:
+    config, generate, out = hf_model(dtype)
+    for workload in workloads:
+        if (dtype, workload) not in HF_SKIP:
             req = inputs(config, workload)
             out[f"prefill_s_{workload}"] = timed(lambda: generate(req, 1))
     out["peak_rss_gb"] = peak_rss_gb()
     return out
 
 
+def serve(system: str, dtype: str) -> None:
+    """Decode server for the paired rounds: build and warm up, then answer one stdin line (a batch size) at a
+    time with that batch's decode rates; protocol lines on stdout start with ``@@``."""
+    measure, info = (jax_decoder if system == "ov_jax" else hf_decoder)(dtype)
+    print("@@" + json.dumps(info), flush=True)
+    for line in sys.stdin:
+        print("@@" + json.dumps(measure(int(line))), flush=True)
+    print("@@" + json.dumps({"peak_rss_gb": peak_rss_gb()}), flush=True)
+
+
 # --- driver ---------------------------------------------------------------------------------------------------
 
 
+def child_command(system: str, dtype: str, mode: str, workload: str = "decode") -> list[str]:
+    return [sys.executable, __file__, mode, system, "--dtypes", dtype, "--workloads", workload,
+            "--preset", os.environ["OV_BENCH_PRESET"]]
+
+
 def child(system: str, dtype: str, workload: str) -> dict:
-    """Run one system on one workload in a fresh process; its last stdout line is the JSON result."""
-    cmd = [sys.executable, __file__, "--child", system, "--dtypes", dtype, "--workloads", workload,
-           "--preset", os.environ["OV_BENCH_PRESET"]]
+    """Run one system on one prefill workload in a fresh process; its last stdout line is the JSON result."""
+    cmd = child_command(system, dtype, "--child", workload)
     print("running", " ".join(cmd[2:]), flush=True)
     load = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -222,6 +265,74 @@ def child(system: str, dtype: str, workload: str) -> dict:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["load_avg"] = {workload: [round(load, 2), round(os.getloadavg()[0], 2)]}
     return result
+
+
+class DecodeServer:
+    """One system's :func:`serve` process."""
+
+    def __init__(self, system: str, dtype: str):
+        cmd = child_command(system, dtype, "--serve")
+        print("starting", " ".join(cmd[2:]), flush=True)
+        self.system = system
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._reply()
+
+    def _reply(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                return json.loads(line[2:])
+        raise RuntimeError(f"the {self.system} decode server exited (code {self.proc.wait()}); see its stderr above")
+
+    def measure(self, batch: int) -> dict:
+        self.proc.stdin.write(f"{batch}\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> dict:
+        self.proc.stdin.close()
+        final = self._reply()
+        self.proc.wait()
+        return final
+
+
+def paired_decode(systems: list[str], dtype: str, rounds: int) -> tuple[dict, dict]:
+    """Both systems loaded at once, taking turns (the order alternates per round); per system the median
+    tok/s over rounds, and per batch the per-round speed-ups (ov_jax's default loop over transformers)."""
+    servers = [DecodeServer(system, dtype) for system in systems]  # started one after the other (no overlap)
+    rates: dict = {server.system: {} for server in servers}
+    bandwidth = []
+    for r in range(rounds):
+        bandwidth.append(measure_bandwidth(repeats=3) / 1e9)
+        for batch in (1, 8):
+            for server in (servers if r % 2 == 0 else servers[::-1]):
+                for loop, rate in server.measure(batch).items():
+                    rates[server.system].setdefault(f"b{batch}_{loop}", []).append(rate)
+        print(f"round {r + 1}/{rounds}: bandwidth {bandwidth[-1]:.1f} GB/s, " + ", ".join(
+            f"{system} {key} {values[-1]:.2f}" for system, by in rates.items() for key, values in by.items()),
+            flush=True)
+    runs = {}
+    for server in servers:
+        run = runs[server.system] = dict(server.info)
+        run.update(server.close())
+        run["decode_rounds"] = rates[server.system]
+        for key, values in rates[server.system].items():
+            run[f"decode_tok_s_{key.replace('_eager', '')}"] = float(np.median(values))
+        if server.system == "ov_jax":
+            for batch in (1, 8):
+                run[f"decode_tok_s_b{batch}"] = run[f"decode_tok_s_b{batch}_{run['default_loop']}"]
+    paired = {"bandwidth_gb_s": bandwidth}
+    if {"ov_jax", "transformers"} <= set(rates):
+        for batch in (1, 8):
+            ours = rates["ov_jax"][f"b{batch}_{runs['ov_jax']['default_loop']}"]
+            ratios = [a / b for a, b in zip(ours, rates["transformers"][f"b{batch}_eager"])]
+            paired[f"speedup_b{batch}"] = {"median": float(np.median(ratios)), "min": min(ratios),
+                                           "max": max(ratios), "rounds": ratios}
+    if "ov_jax" in rates:
+        gb_per_token = lm_bytes_per_token(bench_config(), 4 if dtype == "float32" else 2) / 1e9
+        ours = rates["ov_jax"][f"b1_{runs['ov_jax']['default_loop']}"]
+        fractions = [rate / (bw / gb_per_token) for rate, bw in zip(ours, bandwidth)]
+        paired["roofline_fraction_b1"] = {"median": float(np.median(fractions)), "rounds": fractions}
+    return runs, paired
 
 
 def merge(total: dict, part: dict) -> dict:
@@ -249,23 +360,28 @@ def speedup(ours, reference, higher_is_better: bool) -> str:
 def table(results: dict) -> str:
     """Markdown table of every measured number, with ov_jax's speed-up over transformers."""
     bw = results["bandwidth_gb_s"]
-    lines = [f"read bandwidth {bw:.1f} GB/s (numpy streaming sum, {os.cpu_count()} threads)", "",
+    lines = [f"read bandwidth {bw:.1f} GB/s at the start (numpy streaming sum, {os.cpu_count()} threads)", "",
              "| metric | dtype | ov_jax | transformers | speed-up |", "|---|---|---|---|---|"]
     fmt = lambda run, key, f: f.format(run[key]) if key in run else "not run"
     for dtype, runs in results["runs"].items():
         ours, ref = runs.get("ov_jax", {}), runs.get("transformers", {})
+        paired = results.get("paired", {}).get(dtype, {})
         gb_per_token = results["lm_bytes_per_token"][dtype] / 1e9
         for batch in (1, 8):
             key = f"decode_tok_s_b{batch}"
             if key in ours or key in ref:
                 loops = " / ".join(fmt(ours, f"{key}_{loop}", "{:.2f}") for loop in ("python", "device"))
-                lines.append(f"| decode tok/s, batch {batch} (ov_jax python / device loop: {loops}) | {dtype} | "
-                             f"{fmt(ours, key, '{:.2f}')} | {fmt(ref, key, '{:.2f}')} | "
-                             f"{speedup(ours.get(key), ref.get(key), True)} |")
-        if "decode_tok_s_b1" in ours:
-            roof = bw / gb_per_token
-            lines.append(f"| batch-1 roofline tok/s ({gb_per_token:.2f} GB read per token) | {dtype} | {roof:.2f} | "
-                         f"| ov_jax at {ours['decode_tok_s_b1'] / roof:.0%} |")
+                ratio = paired.get(f"speedup_b{batch}")
+                ratio = f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else "-"
+                lines.append(f"| decode tok/s, batch {batch}, median of {len(paired['bandwidth_gb_s'])} rounds "
+                             f"(ov_jax python / device loop: {loops}) | {dtype} | {fmt(ours, key, '{:.2f}')} | "
+                             f"{fmt(ref, key, '{:.2f}')} | {ratio} |")
+        if "roofline_fraction_b1" in paired:
+            bws = paired["bandwidth_gb_s"]
+            lines.append(f"| batch-1 roofline tok/s ({gb_per_token:.2f} GB read per token; bandwidth "
+                         f"{min(bws):.1f}-{max(bws):.1f} GB/s over the rounds) | {dtype} | "
+                         f"{np.median(bws) / gb_per_token:.2f} | | ov_jax at "
+                         f"{paired['roofline_fraction_b1']['median']:.0%} (per-round median) |")
         for workload in ("image", "video"):
             key = f"prefill_s_{workload}"
             if key in ours or key in ref:
@@ -283,7 +399,9 @@ def main(argv=None) -> None:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--systems", default="ov_jax,transformers")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results.json"))
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="paired decode rounds")
     parser.add_argument("--child", choices=("ov_jax", "transformers"))
+    parser.add_argument("--serve", choices=("ov_jax", "transformers"))
     parser.add_argument("--preset", choices=("0.5b", "tiny"), default="0.5b",
                         help="tiny: a quick dry run of the script on the tiny test architecture")
     args = parser.parse_args(argv)
@@ -296,6 +414,11 @@ def main(argv=None) -> None:
         run = run_jax if args.child == "ov_jax" else run_hf
         print(json.dumps(run(args.dtypes, workloads)))
         return
+    if args.serve:
+        serve(args.serve, args.dtypes)
+        return
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
 
     config = bench_config()
     results = {
@@ -307,11 +430,17 @@ def main(argv=None) -> None:
         "lm_bytes_per_token": {d: lm_bytes_per_token(config, 4 if d == "float32" else 2)
                                for d in args.dtypes.split(",")},
         "runs": {},
+        "paired": {},
     }
-    for dtype in args.dtypes.split(","):  # per workload, the systems run back to back (similar machine load)
-        runs = results["runs"][dtype] = {s: {} for s in args.systems.split(",")}
-        for workload in workloads:
-            for system in runs:
+    systems = args.systems.split(",")
+    for dtype in args.dtypes.split(","):
+        runs = results["runs"][dtype] = {s: {} for s in systems}
+        if "decode" in workloads:
+            decode_runs, results["paired"][dtype] = paired_decode(systems, dtype, args.rounds)
+            for system, run in decode_runs.items():
+                merge(runs[system], run)
+        for workload in (w for w in workloads if w != "decode"):
+            for system in systems:  # back to back (similar machine load)
                 merge(runs[system], child(system, dtype, workload))
         print(table(results), flush=True)
     results["machine"]["load_avg_at_end"] = os.getloadavg()
