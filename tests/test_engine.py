@@ -216,6 +216,26 @@ def test_blocked_causal_prefill_attention_equals_the_full_square():
     np.testing.assert_allclose(np.asarray(by_head)[valid], np.asarray(full)[valid], atol=2e-6)
 
 
+@pytest.mark.parametrize("rows,slots", [(2, 96), (4, 4096)])  # both forms: below and above LONG_CACHE_ROW_SLOTS
+def test_decode_attention_equals_the_model_attention(rows, slots):
+    """The CPU decode path's attention over a heads-major cache, in both of its forms, against
+    ``layers.attention`` on the sequence-major layout, with left padding and unwritten slots masked."""
+    import jax.numpy as jnp
+
+    from ov_jax.engine.steps import LONG_CACHE_ROW_SLOTS, _decode_attention
+    from ov_jax.modeling.layers import attention
+
+    assert (rows * slots >= LONG_CACHE_ROW_SLOTS) == (slots == 4096)
+    rng = np.random.default_rng(slots)
+    q = jnp.asarray(rng.standard_normal((rows, 1, 6, 16), np.float32))
+    k, v = (jnp.asarray(rng.standard_normal((rows, slots, 2, 16), np.float32) * 3) for _ in range(2))
+    starts, ends = rng.integers(0, slots // 2, rows), rng.integers(slots // 2, slots, rows)
+    valid = (np.arange(slots)[None] >= starts[:, None]) & (np.arange(slots)[None] < ends[:, None])
+    ours = _decode_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), jnp.asarray(valid))
+    expected = attention(q, k, v, jnp.asarray(valid)[:, None, :])
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), atol=1e-5)  # values up to ~10
+
+
 @pytest.mark.parametrize("heads,kv_heads,masked", [(4, 2, True), (3, 3, False), (6, 1, True)])
 def test_per_head_attention_equals_the_batched_one(heads, kv_heads, masked):
     """The CPU engine's attention (one 2-D product per kv head) against ``layers.attention``: GQA groups,

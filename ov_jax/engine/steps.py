@@ -198,12 +198,24 @@ def _emit(state: DecodeState, logits: jax.Array, rules: TokenRules, mode: Sampli
 # --- decode ------------------------------------------------------------------------------------------------
 
 
+# From this many rows x cache slots on, decode attention takes the cache as the left operand of its score
+# product (XLA:CPU, 0.5B heads: batch 8 x 4096 slots 30% faster, batch 8 x 1024 even, batch 1 x 2048 slower).
+LONG_CACHE_ROW_SLOTS = 16384
+
+
 def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array) -> jax.Array:
-    """One query per row against a heads-major cache ``[B, nkv, S, hd]``; same numerics as ``layers.attention``."""
+    """One query per row against a heads-major cache ``[B, nkv, S, hd]``; same numerics as ``layers.attention``
+    (up to summation order). Scores are ``[B, nkv, G, S]``, or ``[B, nkv, S, G]`` for large batch x cache."""
     b, _, nh, hd = q.shape
-    nkv = k.shape[1]
+    nkv, slots = k.shape[1], k.shape[2]
     qg = q.reshape(b, nkv, nh // nkv, hd)
-    scores = jnp.einsum("bngd,bnsd->bngs", qg, k, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
+    scale = 1.0 / math.sqrt(hd)
+    if b * slots >= LONG_CACHE_ROW_SLOTS:
+        scores = jnp.einsum("bnsd,bngd->bnsg", k, qg, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(key_valid[:, None, :, None], scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=2).astype(q.dtype)
+        return jnp.einsum("bnsg,bnsd->bngd", probs, v).reshape(b, 1, nh, hd)
+    scores = jnp.einsum("bngd,bnsd->bngs", qg, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(key_valid[:, None, None, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     return jnp.einsum("bngs,bnsd->bngd", probs, v).reshape(b, 1, nh, hd)
