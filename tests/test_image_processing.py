@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ov_jax.compare import reference_processor
 from ov_jax import geometry
+from ov_jax.compare import reference_processor
 from ov_jax.processing import LlavaOnevisionProcessor
 from ov_jax.processing.image import ImageProcessingConfig, load_image, preprocess_images
 

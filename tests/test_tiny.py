@@ -6,9 +6,9 @@ import sys
 
 import numpy as np
 import pytest
-from ov_jax.compare import reference_processor
 from safetensors import safe_open
 
+from ov_jax.compare import reference_processor
 from ov_jax.config import load_config
 from ov_jax.tiny import SPECIAL_TOKENS, make_tiny
 

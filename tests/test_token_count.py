@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from ov_jax.compare import reference_processor
 from ov_jax import geometry
+from ov_jax.compare import reference_processor
 from ov_jax.processing import LlavaOnevisionProcessor
 
 

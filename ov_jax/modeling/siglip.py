@@ -5,12 +5,12 @@ Only the layers up to the deepest selected one are computed (REFERENCE_NOTES §2
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
 from ov_jax.config import OneVisionConfig
-from typing import Callable
-
 from ov_jax.modeling.layers import attention, dense, gelu_tanh, layer_norm, merge_heads, project_heads
 
 
