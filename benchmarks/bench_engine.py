@@ -295,9 +295,10 @@ class DecodeServer:
         return final
 
 
-def paired_decode(systems: list[str], dtype: str, rounds: int) -> tuple[dict, dict]:
+def paired_decode(systems: list[str], dtype: str, rounds: int, bytes_per_token: int) -> tuple[dict, dict]:
     """Both systems loaded at once, taking turns (the order alternates per round); per system the median
-    tok/s over rounds, and per batch the per-round speed-ups (ov_jax's default loop over transformers)."""
+    tok/s over rounds, per batch the per-round speed-ups (ov_jax's default loop over transformers), and
+    ov_jax's batch-1 fraction of each round's roofline (bandwidth / ``bytes_per_token``)."""
     servers = [DecodeServer(system, dtype) for system in systems]  # started one after the other (no overlap)
     rates: dict = {server.system: {} for server in servers}
     bandwidth = []
@@ -328,9 +329,8 @@ def paired_decode(systems: list[str], dtype: str, rounds: int) -> tuple[dict, di
             paired[f"speedup_b{batch}"] = {"median": float(np.median(ratios)), "min": min(ratios),
                                            "max": max(ratios), "rounds": ratios}
     if "ov_jax" in rates:
-        gb_per_token = lm_bytes_per_token(bench_config(), 4 if dtype == "float32" else 2) / 1e9
         ours = rates["ov_jax"][f"b1_{runs['ov_jax']['default_loop']}"]
-        fractions = [rate / (bw / gb_per_token) for rate, bw in zip(ours, bandwidth)]
+        fractions = [rate / (bw * 1e9 / bytes_per_token) for rate, bw in zip(ours, bandwidth)]
         paired["roofline_fraction_b1"] = {"median": float(np.median(fractions)), "rounds": fractions}
     return runs, paired
 
@@ -436,7 +436,8 @@ def main(argv=None) -> None:
     for dtype in args.dtypes.split(","):
         runs = results["runs"][dtype] = {s: {} for s in systems}
         if "decode" in workloads:
-            decode_runs, results["paired"][dtype] = paired_decode(systems, dtype, args.rounds)
+            decode_runs, results["paired"][dtype] = paired_decode(systems, dtype, args.rounds,
+                                                                  results["lm_bytes_per_token"][dtype])
             for system, run in decode_runs.items():
                 merge(runs[system], run)
         for workload in (w for w in workloads if w != "decode"):
