@@ -257,7 +257,7 @@ def test_bfloat16_top1_agreement_on_a_confident_model(tiny_ckpt):
     def final_hidden(params):
         embeds = llava.merged_embeddings(params, jnp.asarray(ids), plan.tower_inputs, plan.tap_index,
                                          plan.tap_weight, plan.is_media, config, jnp.float32)
-        positions = jnp.asarray(np.maximum(np.cumsum(mask, axis=1) - 1, 0))
+        positions = jnp.asarray(np.broadcast_to(np.arange(ids.shape[1]), ids.shape))  # as the model's __call__
         return qwen2.decoder(params["text"], embeds, positions, jnp.asarray(valid), config.text)[0]
 
     hidden = final_hidden(params)[valid]
