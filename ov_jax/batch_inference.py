@@ -32,13 +32,26 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ov_jax import distributed
+from ov_jax.paths import MISSING, NotUTF8Error, check_directory, check_file, decode_utf8, path_problem
 
 Record = dict[str, Any]
 InferFn = Callable[[list[Record]], Sequence[Any]]
 
 
 class RequestFileError(ValueError):
-    """The requests jsonl cannot be processed (bad JSON, duplicate ids...); the message names the line."""
+    """The requests jsonl (or a results file to resume) cannot be processed; the message names the file and line."""
+
+
+class RequestError(ValueError):
+    """One request does not follow the request format (see the module docstring)."""
+
+
+class OutputFileError(OSError):
+    """The results path cannot be written or resumed (a directory, the requests file itself, not writable...)."""
+
+
+REQUEST_FIELDS = ("id", "prompt", "messages", "images", "image", "videos", "video", "max_new_tokens")
+MEDIA_FIELDS = (("images", "image"), ("videos", "video"))
 
 
 @dataclasses.dataclass
@@ -59,31 +72,145 @@ def _id_key(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Every string inside ``value`` is encodable text (a JSON escape such as \\udcff is not)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise RequestError(f"{where} holds a lone surrogate escape (\\u{ord(value[err.start]):04x}), which is "
+                               "not valid text") from None
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_text(item, where)
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item, where)
+
+
+def check_request(record: Any) -> None:
+    """A :class:`RequestError` naming the first way ``record`` breaks the request format, else nothing.
+
+    A request is a JSON object with exactly one of ``prompt`` (non-empty text) and ``messages`` (a non-empty
+    list of ``{"role": str, "content": str | list of {"type": str, ...}}``); with ``prompt``, optionally
+    ``images`` or ``image`` and ``videos`` or ``video`` (a path or a list of paths); optionally ``id`` (a string
+    or an integer) and ``max_new_tokens`` (an integer >= 1). Any other field is an error (a misspelt field
+    would otherwise be ignored on every record).
+    """
+    if not isinstance(record, dict):
+        raise RequestError(f"a request must be a JSON object, got {type(record).__name__}")
+    unknown = sorted(set(record) - set(REQUEST_FIELDS))
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(map(repr, unknown))}; a request has "
+                           f"{', '.join(REQUEST_FIELDS)}")
+    if "id" in record and not (isinstance(record["id"], str) or _is_int(record["id"])):
+        raise RequestError(f"'id' must be a string or an integer, got {json.dumps(record['id'])}")
+    if ("prompt" in record) == ("messages" in record):
+        raise RequestError("a request needs exactly one of 'prompt' and 'messages'")
+    if "prompt" in record:
+        if not isinstance(record["prompt"], str) or not record["prompt"].strip():
+            raise RequestError(f"'prompt' must be non-empty text, got {json.dumps(record['prompt'])[:80]}")
+        for plural, singular in MEDIA_FIELDS:
+            if plural in record and singular in record:
+                raise RequestError(f"give '{plural}' or '{singular}', not both")
+            value = record.get(plural, record.get(singular, []))
+            paths = [value] if isinstance(value, str) else value
+            if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+                raise RequestError(f"'{plural if plural in record else singular}' must be a path or a list of "
+                                   f"paths, got {json.dumps(value)[:80]}")
+    else:
+        media = [f for pair in MEDIA_FIELDS for f in pair if f in record]
+        if media:
+            raise RequestError(f"{', '.join(map(repr, media))} cannot go with 'messages': put the media in the "
+                               "messages' content")
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("'messages' must be a non-empty list of turns")
+        for number, turn in enumerate(messages):
+            content = turn.get("content") if isinstance(turn, dict) else None
+            if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not (
+                    isinstance(content, str) or isinstance(content, list) and all(
+                        isinstance(part, dict) and isinstance(part.get("type"), str) for part in content)):
+                raise RequestError(f"messages[{number}] must be {{\"role\": str, \"content\": str or a list of "
+                                   "{\"type\": str, ...}}")
+    if "max_new_tokens" in record and not (_is_int(record["max_new_tokens"]) and record["max_new_tokens"] >= 1):
+        raise RequestError(f"'max_new_tokens' must be an integer >= 1, got {json.dumps(record['max_new_tokens'])}")
+    _check_text(record, "the request")
+
+
 def read_requests(path: str | os.PathLike) -> list[Record]:
-    """All requests of a jsonl file, each with an ``id`` (default: its 0-based line number)."""
+    """All requests of a jsonl file, each checked (:func:`check_request`) and given an ``id`` (default: its
+    0-based line number). Any problem is a :class:`RequestFileError` naming ``file:line``: text that is not
+    UTF-8, a line that is not a JSON object, a request that breaks the format, a repeated id, no requests."""
+    check_file(path, "requests file")
     records, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f):
+    with open(path, "rb") as f:
+        for number, data in enumerate(f):
+            where = f"{path}:{number + 1}"
+            try:
+                line = decode_utf8(data, "the line")
+            except NotUTF8Error as err:
+                raise RequestFileError(f"{where}: {err}") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
+                check_request(record)
             except json.JSONDecodeError as err:
-                raise RequestFileError(f"{path}:{number + 1}: not valid JSON ({err})") from None
-            if not isinstance(record, dict):
-                raise RequestFileError(f"{path}:{number + 1}: a request must be a JSON object, got {type(record).__name__}")
+                raise RequestFileError(f"{where}: not valid JSON ({err})") from None
+            except RequestError as err:
+                raise RequestFileError(f"{where}: {err}") from None
             record.setdefault("id", number)
             key = _id_key(record["id"])
             if key in seen:
-                raise RequestFileError(f"{path}:{number + 1}: id {record['id']!r} repeats line {seen[key]}; ids must be "
-                                       "unique for resuming to know what is done")
+                raise RequestFileError(f"{where}: id {record['id']!r} repeats line {seen[key]}; ids must be unique "
+                                       "for resuming to know what is done")
             seen[key] = number + 1
             records.append(record)
+    if not records:
+        raise RequestFileError(f"{path}: no requests (the file holds no JSON lines)")
     return records
 
 
+def check_records(records: Iterable[Record]) -> list[Record]:
+    """Already-read requests as a list, each checked (:func:`check_request`), with an ``id``, ids unique; a
+    :class:`RequestError` naming the request's position otherwise."""
+    records, seen = list(records), {}
+    for number, record in enumerate(records):
+        try:
+            check_request(record)
+        except RequestError as err:
+            raise RequestError(f"request {number}: {err}") from None
+        if "id" not in record:
+            raise RequestError(f"request {number} has no 'id' (needed to know what is done when resuming)")
+        key = _id_key(record["id"])
+        if key in seen:
+            raise RequestError(f"request {number}: id {record['id']!r} repeats request {seen[key]}")
+        seen[key] = number
+    return records
+
+
+RESULT_PREFIX = b'{"id":'  # every results line starts so: the writer puts the id first
+
+
+def _check_torn_tail(path: str | os.PathLike, tail: bytes) -> None:
+    """A torn tail must look like the start of one of our lines (``{"id": ...``); anything else means the file
+    is not a results file, and nothing in it may be cut."""
+    if tail and not (tail.startswith(RESULT_PREFIX) or RESULT_PREFIX.startswith(tail)):
+        raise RequestFileError(f"{path}: its last line is not a results line (no final newline, and it does not "
+                               "start with '{\"id\":'); not a results file of this tool? Nothing was changed")
+
+
 def repair_torn_tail(path: str | os.PathLike) -> int:
-    """Cut a partial last line (a write interrupted by a crash); returns the number of bytes removed."""
+    """Cut a partial last line (a write interrupted by a crash); returns the number of bytes removed.
+
+    Only a tail that starts like a results line (``{"id":``) is cut; anything else is a
+    :class:`RequestFileError` and the file is left as it is.
+    """
     try:
         with open(path, "rb+") as f:
             size = f.seek(0, os.SEEK_END)
@@ -102,6 +229,8 @@ def repair_torn_tail(path: str | os.PathLike) -> int:
                     keep = start + cut + 1
                     break
                 position = start
+            f.seek(keep)
+            _check_torn_tail(path, f.read(size - keep))
             f.truncate(keep)
             f.flush()
             os.fsync(f.fileno())
@@ -111,25 +240,58 @@ def repair_torn_tail(path: str | os.PathLike) -> int:
 
 
 def finished_ids(path: str | os.PathLike, *, retry_errors: bool = False) -> set[str]:
-    """Id keys already in a results file (errors count as done unless ``retry_errors``)."""
+    """Id keys already in a results file (errors count as done unless ``retry_errors``). Read only: a torn
+    last line (see :func:`repair_torn_tail`) is not done; any other line that is not a UTF-8 JSON object with
+    an ``id`` is a :class:`RequestFileError` naming ``file:line``."""
     done: set[str] = set()
     try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    result = json.loads(line)
-                    key = _id_key(result["id"])
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise RequestFileError(f"{path}:{number + 1}: results line is not a JSON object with an id "
-                                           f"({type(err).__name__}); fix or remove it to resume") from None
-                if retry_errors and "error" in result:
-                    continue
-                done.add(key)
+        f = open(path, "rb")
     except FileNotFoundError:
-        pass
+        return done
+    with f:
+        for number, data in enumerate(f):
+            if not data.endswith(b"\n"):
+                _check_torn_tail(path, data)
+                break
+            if not data.strip():
+                continue
+            try:
+                result = json.loads(decode_utf8(data, "the line"))
+                key = _id_key(result["id"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise RequestFileError(f"{path}:{number + 1}: results line is not a JSON object with an id "
+                                       f"({type(err).__name__}); fix or remove it to resume") from None
+            if retry_errors and "error" in result:
+                continue
+            done.add(key)
     return done
+
+
+def check_output_path(results_path: str | os.PathLike, requests_path: str | os.PathLike | None = None) -> None:
+    """An :class:`OutputFileError` when ``results_path`` cannot be the results file: a directory, a special file,
+    the requests file itself (also through a symlink or a hard link), a symlink loop or broken symlink, not
+    writable, or missing under a directory that cannot be created."""
+    path = os.fspath(results_path)
+    problem = path_problem(path)
+    if problem is None:
+        if os.path.isdir(path):
+            raise OutputFileError(f"output {path!r} is a directory; give a file path, e.g. "
+                                  f"{os.path.join(path, 'answers.jsonl')!r}")
+        if not os.path.isfile(path):
+            raise OutputFileError(f"output {path!r} is not a regular file")
+        if requests_path is not None and os.path.samefile(path, requests_path):
+            raise OutputFileError(f"output {path!r} is the requests file {os.fspath(requests_path)!r}; the answers "
+                                  "must go to another file")
+        if not os.access(path, os.W_OK):
+            raise OutputFileError(f"output {path!r} is not writable (permission denied)")
+        return
+    if problem != MISSING:
+        raise OutputFileError(f"output {path!r} {problem}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while path_problem(parent) == MISSING:  # directories that will be created: the first existing one decides
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputFileError(f"output {path!r} cannot be created: {parent!r} is not a writable directory")
 
 
 class ResultWriter:
@@ -137,9 +299,12 @@ class ResultWriter:
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        repair_torn_tail(self.path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            repair_torn_tail(self.path)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise OutputFileError(f"output {os.fspath(path)!r} cannot be written: {err.strerror or err}") from None
 
     def write(self, result: Record) -> None:
         data = (json.dumps(result, ensure_ascii=False) + "\n").encode("utf-8")
@@ -160,15 +325,25 @@ class ResultWriter:
         self.close()
 
 
-def _pending(records: list[Record], results_path: str | os.PathLike, retry_errors: bool) -> list[Record]:
-    """Requests not yet answered; decided on process 0 and broadcast so every host runs the same batches."""
-    done_mask = np.zeros(len(records), np.bool_)
+def _pending(records: list[Record], results_path: str | os.PathLike, retry_errors: bool,
+             requests_path: str | os.PathLike | None = None) -> list[Record]:
+    """Requests not yet answered. Process 0 checks the output (:func:`check_output_path`, :func:`finished_ids`)
+    and broadcasts what is done, or that it refused the output, so every host runs the same batches or stops."""
+    flags = np.zeros(len(records) + 1, np.bool_)  # done per request, then "process 0 refused the output"
+    refusal = None
     if distributed.is_writer():
-        repair_torn_tail(results_path)
-        done = finished_ids(results_path, retry_errors=retry_errors)
-        done_mask = np.array([_id_key(r["id"]) in done for r in records], np.bool_)
-    done_mask = distributed.broadcast_from_writer(done_mask)
-    return [r for r, done in zip(records, done_mask) if not done]
+        try:
+            check_output_path(results_path, requests_path)
+            done = finished_ids(results_path, retry_errors=retry_errors)
+            flags[:-1] = [_id_key(r["id"]) in done for r in records]
+        except (OSError, ValueError) as err:
+            refusal, flags[-1] = err, True
+    flags = distributed.broadcast_from_writer(flags)
+    if refusal is not None:
+        raise refusal
+    if flags[-1]:
+        raise OutputFileError(f"process 0 refused the output {os.fspath(results_path)!r} (its error says why)")
+    return [r for r, done in zip(records, flags[:-1]) if not done]
 
 
 def _as_result(record: Record, output: Any) -> Record:
@@ -201,21 +376,25 @@ def run_batch_inference(requests: str | os.PathLike | Iterable[Record], results_
                         retry_errors: bool = False, progress: bool = False) -> BatchSummary:
     """Answer every request not yet in ``results_path``, ``batch_size`` at a time, appending results as they come.
 
-    ``requests`` is a jsonl path or already-read records (each with an ``id``). ``on_error``: "record" writes
-    a failing request as an error line and goes on; "raise" stops (a restart then retries that batch).
-    ``retry_errors`` re-runs requests whose earlier result was an error.
+    ``requests`` is a jsonl path (read with :func:`read_requests`) or already-read records (each with an
+    ``id``; checked with :func:`check_records`). ``on_error``: "record" writes a failing request as an error
+    line and goes on; "raise" stops (a restart then retries that batch). ``retry_errors`` re-runs requests
+    whose earlier result was an error. Every argument, every request and the output path
+    (:func:`check_output_path`; never the requests file) are checked before the first request runs: a bad one
+    is a ``ValueError`` / ``OSError`` and nothing is written.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     if on_error not in ("record", "raise"):
         raise ValueError(f"on_error must be 'record' or 'raise', got {on_error!r}")
     start = time.perf_counter()
-    records = read_requests(requests) if isinstance(requests, (str, os.PathLike)) else list(requests)
-    pending = _pending(records, results_path, retry_errors)
+    from_file = isinstance(requests, (str, os.PathLike))
+    records = read_requests(requests) if from_file else check_records(requests)
+    pending = _pending(records, results_path, retry_errors, requests if from_file else None)
     answered = failed = 0
-    writer = ResultWriter(results_path) if distributed.is_writer() else None
+    writer = ResultWriter(results_path) if distributed.is_writer() and pending else None
     bar = None
-    if progress and writer is not None:
+    if progress and distributed.is_writer():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(records), initial=len(records) - len(pending), unit="req", desc="batch inference")
@@ -283,12 +462,15 @@ def add_arguments(parser) -> None:
     """Flags of the batch command (shared by ``python -m ov_jax.batch_inference`` and the CLI)."""
     parser.add_argument("--model", required=True, help="checkpoint directory, converted directory or hub id")
     parser.add_argument("--input", required=True, help="requests jsonl (id, prompt / messages, images, video)")
-    parser.add_argument("--output", required=True, help="answers jsonl; an existing file is resumed")
+    parser.add_argument("--output", required=True,
+                        help="answers jsonl; an existing one is resumed (never the --input file)")
     parser.add_argument("--mesh", help="device mesh: 'data=2,tensor=4', a preset (72b-tp8...) or a .json file")
-    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--num-frames", type=int, default=8, help="frames sampled per video (default 8)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="compute dtype (bfloat16 halves the memory; on CPUs without bf16 units it is slow)")
+    parser.add_argument("--batch-size", type=int, default=8, help="requests per generate call")
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="answer length limit in tokens (a request's own max_new_tokens overrides it)")
+    parser.add_argument("--num-frames", type=int, default=8, help="frames sampled per video")
     parser.add_argument("--media-root", help="directory relative media paths resolve against (default: the input's)")
     parser.add_argument("--retry-errors", action="store_true", help="re-run requests whose result was an error")
     parser.add_argument("--coordinator", help="multi-host: host:port of process 0 (or OV_JAX_COORDINATOR)")
@@ -296,9 +478,25 @@ def add_arguments(parser) -> None:
     parser.add_argument("--process-id", type=int, help="multi-host: this process (or OV_JAX_PROCESS_ID)")
 
 
+def check_arguments(args) -> None:
+    """A ``ValueError`` / ``OSError`` for the first batch flag that cannot work (numbers, input, media root)."""
+    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
+                        ("--num-frames", args.num_frames)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    check_file(args.input, "requests file")
+    if args.media_root is not None:
+        check_directory(args.media_root, "--media-root")
+
+
 def run_from_args(args) -> BatchSummary:
-    """Start multi-host if asked, load processor and model onto the mesh, answer the dataset."""
+    """Check the flags, the requests and the output; start multi-host if asked; load processor and model onto
+    the mesh (only when some request is still to answer); answer the dataset."""
+    check_arguments(args)
+    records = read_requests(args.input)
     distributed.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if not _pending(records, args.output, args.retry_errors, args.input):
+        return BatchSummary(len(records), len(records), 0, 0, 0.0)
     from ov_jax.model import LlavaOnevision
     from ov_jax.processing.processor import LlavaOnevisionProcessor
 
@@ -307,7 +505,7 @@ def run_from_args(args) -> BatchSummary:
     media_root = args.media_root or os.path.dirname(os.path.abspath(args.input))
     infer = make_generate_fn(model, processor, max_new_tokens=args.max_new_tokens, num_frames=args.num_frames,
                              media_root=media_root)
-    return run_batch_inference(args.input, args.output, infer, batch_size=args.batch_size,
+    return run_batch_inference(records, args.output, infer, batch_size=args.batch_size,
                                retry_errors=args.retry_errors, progress=True)
 
 
