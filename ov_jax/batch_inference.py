@@ -6,9 +6,12 @@ Input, one JSON object per line::
     {"id": "q2", "prompt": "Describe the clip.", "video": "clip.mp4"}
     {"id": "q3", "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}
 
-``id`` defaults to the line number (give explicit ids if the input file may change between runs). Output,
-one line per request: ``{"id": ..., "answer": ...}`` (plus whatever else the inference function returns),
-or ``{"id": ..., "error": "..."}`` when that request failed on its own.
+``id`` defaults to the line number (give explicit ids if the input file may change between runs). The whole
+file is checked before anything runs (:func:`check_request`: UTF-8, one JSON object per line, known fields of
+the right types, unique ids); an error names ``file:line``. Output, one line per request: ``{"id": ...,
+"answer": ...}`` (plus whatever else the inference function returns), or ``{"id": ..., "error": "..."}`` when
+that request failed on its own. The output is never the requests file, a directory or a file that is not a
+results file (:func:`check_output_path`, :func:`finished_ids`).
 
 Each result line is written with a single ``write`` and ``fsync``ed before the next, so after a crash or a
 kill the file holds whole lines plus at most one torn last line. A restart drops the torn tail, skips every

@@ -38,11 +38,11 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cli_env(workdir):
-    """Subprocess environment: the repo importable, one CPU device, offline, a shared compilation cache."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    """Subprocess environment: the repo importable, one CPU device, offline, a shared compilation cache (the
+    README's switch, JAX_COMPILATION_CACHE_DIR alone)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("JAX_PERSISTENT_CACHE_")}
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])), JAX_PLATFORMS="cpu",
-               HF_HUB_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=str(workdir / "jax-cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+               HF_HUB_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=str(workdir / "jax-cache"))
     return env
 
 
@@ -138,6 +138,29 @@ def test_generate_streams_transformers_greedy_answer(workdir, converted_dir, cli
     assert "loading: 3/3" in result.stderr and "compiling buckets" in result.stderr  # tqdm bars
 
 
+def test_generate_reads_the_prompt_from_stdin(workdir, converted_dir, cli_env, transformers_answer):
+    """``--prompt-file -``: the prompt piped in (its final newline dropped) gives the --prompt answer."""
+    result = subprocess.run([sys.executable, "-m", "ov_jax.cli", "generate", "--model", "tiny-converted", "--image",
+                             SAMPLE_IMAGE, "--prompt-file", "-", "--max-new-tokens", "12"], input=PROMPT + "\n",
+                            cwd=workdir, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert_ok(result)
+    answer, stats = split_answer(result.stdout)
+    assert answer == transformers_answer[1] and int(stats[3]) == transformers_answer[2]
+
+
+def test_read_prompt_keeps_the_text_but_one_final_newline(tmp_path, monkeypatch):
+    path = tmp_path / "prompt.txt"
+    text = "Line one,\n\n  line two ünï 😀\t" + "x" * 200_000  # over argv's 128 KiB per-argument cap
+    for ending in ("", "\n", "\r\n"):
+        path.write_bytes((text + ending).encode())
+        assert cli.read_prompt(None, str(path)) == text
+    path.write_bytes((text + "\n\n").encode())
+    assert cli.read_prompt(None, str(path)) == text + "\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO((text + "\n").encode())))
+    assert cli.read_prompt(None, "-") == text
+    assert cli.read_prompt("as given\n", None) == "as given\n" and cli.read_prompt(None, None) is None
+
+
 def test_generate_on_a_mesh_gives_the_unsharded_answer(workdir, converted_dir, cli_env, transformers_answer):
     env = dict(cli_env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     result = ov_jax("generate", "--model", converted_dir, "--image", SAMPLE_IMAGE, "--prompt", PROMPT,
@@ -183,6 +206,38 @@ def test_readme_python_example_runs(converted_dir, cli_env):
                             timeout=600)
     assert_ok(result)
     assert result.stdout.strip()
+
+
+CACHE_PROBE = """
+import collections, sys
+from jax import monitoring
+events = collections.Counter()
+monitoring.register_event_listener(lambda event, **_: events.update([event.rpartition("/")[2]]))
+from ov_jax.engine import Buckets, engine_for
+from ov_jax.model import LlavaOnevision
+engine = engine_for(LlavaOnevision.from_pretrained(sys.argv[1]), Buckets(batch=(1,), prompt=(32,), cache=(40,)))
+engine.warmup(media=False, progress=False)
+print(engine.compile_count, events["compile_requests_use_cache"], events["cache_hits"])
+"""
+
+
+def test_compilation_cache_dir_alone_reuses_every_executable(tmp_path, tiny_dir, cli_env):
+    """The README's switch: with only JAX_COMPILATION_CACHE_DIR set, the first process writes every executable
+    (the engine's and the loader's, sub-second ones included: jax alone writes only those that took over a second)
+    and a second process loads every one of them from the cache."""
+    cache = tmp_path / "cache"
+    env = dict(cli_env, JAX_COMPILATION_CACHE_DIR=str(cache))
+    runs = []
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", CACHE_PROBE, str(tiny_dir)], env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert_ok(result)
+        runs.append((*map(int, result.stdout.split()), sorted(os.listdir(cache))))
+    (engine_compiles, requests, first_hits, first_files), (_, requests_again, hits, files) = runs
+    assert engine_compiles == 4 and requests >= engine_compiles and first_hits == 0
+    assert len([f for f in first_files if f.endswith("-cache")]) == requests
+    assert hits == requests_again == requests, f"{hits} of {requests_again} executables came from the cache"
+    assert files == first_files
 
 
 # ----------------------------------------------------------------------------------------------- compare
@@ -459,6 +514,29 @@ def test_subprocess_error_has_no_traceback(workdir, cli_env):
     result = ov_jax("generate", "--model", "./missing-dir", "--prompt", "hi", cwd=workdir, env=cli_env)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: checkpoint directory './missing-dir' does not exist"
+
+
+def help_text(capsys, command) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_one_set_of_defaults_shown_in_help(capsys):
+    """generate, compare, batch and make-tiny default to float32 (the README's advice on CPU), and --help says so."""
+    for command in ("generate", "compare", "batch", "make-tiny"):
+        parser = cli.build_parser(command)
+        args = parser.parse_known_args([command, "--model", "m", "--prompt", "x", "--input", "i", "--output", "o",
+                                        "OUT"])[0]
+        assert args.dtype == "float32", command
+    batch = help_text(capsys, "batch")
+    for shown in ("(default: float32)", "--batch-size BATCH_SIZE requests per generate call (default: 8)",
+                  "(default: 128)", "frames sampled per video (default: 8)"):
+        assert shown in batch
+    assert "--max-new-tokens MAX_NEW_TOKENS answer length limit in tokens (default: 128)" in help_text(capsys,
+                                                                                                      "generate")
+    assert "--seed SEED weights seed (default: 0)" in help_text(capsys, "make-tiny")
 
 
 def test_console_script_points_at_main():
