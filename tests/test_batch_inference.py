@@ -11,8 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from ov_jax.batch_inference import (OutputFileError, RequestError, RequestFileError, ResultWriter, finished_ids,
-                                    read_requests, repair_torn_tail, request_conversation, run_batch_inference)
+from ov_jax.batch_inference import (OutputFileError, ResultWriter, finished_ids, repair_torn_tail, request_conversation,
+                                    run_batch_inference)
+from ov_jax.batch_requests import RequestError, RequestFileError, read_requests
 
 
 class Interrupted(BaseException):
