@@ -2,13 +2,13 @@
 
     ov-jax make-tiny OUT
     ov-jax convert SRC DST [--dtype bfloat16]
-    ov-jax generate --model M [--image P ...] [--video P --num-frames N] --prompt TEXT [...]
+    ov-jax generate --model M [--image P ...] [--video P --num-frames N] (--prompt TEXT | --prompt-file PATH) [...]
     ov-jax compare --model M [--image P ...] [--video P] [--prompt TEXT] [--dtype D] [--tolerance X]
     ov-jax batch --model M --input requests.jsonl --output answers.jsonl [--mesh ...]
     ov-jax bench [-- benchmark options ...]
 
-Every bad input ends in one line ``error: ...`` on stderr and exit status 2 (set ``OV_JAX_TRACEBACK=1``
-to see the traceback instead); ``compare`` exits 1 when a stage is over its tolerance. Heavy imports
+Every bad input, a bad flag included, ends in one line ``error: ...`` on stderr and exit status 2 (set
+``OV_JAX_TRACEBACK=1`` to see the traceback instead); ``compare`` exits 1 when a stage is over its tolerance. Heavy imports
 (jax, torch) happen inside the subcommands, so ``ov-jax --help`` is instant.
 """
 

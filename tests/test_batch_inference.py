@@ -226,6 +226,25 @@ def test_output_paths_that_cannot_hold_results_are_refused(tmp_path):
     assert results_like.read_bytes().endswith(b"not a torn results line")
 
 
+def test_a_finished_dataset_is_not_run_again_and_loads_no_model(tmp_path):
+    """The CLI path (run_from_args): every id already answered, so the summary comes back without loading the
+    model (here a checkpoint that does not exist) and the results file is untouched."""
+    import argparse
+
+    from ov_jax.batch_inference import add_arguments, run_from_args
+
+    requests, results = _write_requests(tmp_path / "in.jsonl", 3), tmp_path / "out.jsonl"
+    run_batch_inference(requests, results, FakeModel())
+    before = results.read_bytes()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", str(tmp_path / "no-model"), "--input", str(requests), "--output",
+                              str(results)])
+    summary = run_from_args(args)
+    assert (summary.total, summary.already_done, summary.answered, summary.failed) == (3, 3, 0, 0)
+    assert results.read_bytes() == before
+
+
 def test_writer_appends_whole_lines_and_repairs_only_a_torn_tail(tmp_path):
     path = tmp_path / "out.jsonl"
     with ResultWriter(path) as writer:
