@@ -8,8 +8,8 @@
     ov-jax bench [-- benchmark options ...]
 
 Every bad input, a bad flag included, ends in one line ``error: ...`` on stderr and exit status 2 (set
-``OV_JAX_TRACEBACK=1`` to see the traceback instead); ``compare`` exits 1 when a stage is over its tolerance. Heavy imports
-(jax, torch) happen inside the subcommands, so ``ov-jax --help`` is instant.
+``OV_JAX_TRACEBACK=1`` to see the traceback instead); ``compare`` exits 1 when a stage is over its tolerance.
+Heavy imports (jax, torch) happen inside the subcommands, so ``ov-jax --help`` is instant.
 """
 
 from __future__ import annotations
