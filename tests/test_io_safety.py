@@ -195,6 +195,7 @@ DAMAGE = {
     "truncated chunk": (lambda d: truncate(largest_chunk(d)), "bytes, .* were written"),
     "missing chunk": (lambda d: largest_chunk(d).unlink(), "is missing"),
     "damaged metadata": (lambda d: damage_metadata(d / "params" / "state" / "_METADATA"), "params/state/_METADATA"),
+    "damaged index": (lambda d: flip(d / "params" / "state" / "manifest.ocdbt"), "params/state/manifest.ocdbt"),
 }
 
 
@@ -210,7 +211,7 @@ def test_damaged_converted_checkpoints_are_one_clear_error(converted, tiny_ckpt,
     assert len(str(caught.value)) < 400 and isinstance(caught.value, ValueError)
 
 
-@pytest.mark.parametrize("damage", ["truncated chunk", "missing chunk", "damaged metadata"])
+@pytest.mark.parametrize("damage", ["truncated chunk", "missing chunk", "damaged metadata", "damaged index"])
 def test_without_verification_orbax_failures_are_still_short(converted, damage):
     DAMAGE[damage][0](converted)
     with pytest.raises(CorruptCheckpointError, match="orbax cannot read its (arrays|metadata)|params/ does not match its config") as caught:
