@@ -99,7 +99,8 @@ def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
     """True for a directory written by :func:`convert` / :func:`save_orbax`."""
     path = Path(path)
     try:
-        return (path / PARAMS_DIR).is_dir() and "ov_jax" in json.loads(checkpoint_file(path, CONFIG_FILE).read_text())
+        config = json.loads(checkpoint_file(path, CONFIG_FILE).read_text())
+        return (path / PARAMS_DIR).is_dir() and isinstance(config, dict) and "ov_jax" in config
     except (OSError, ValueError):
         return False
 
@@ -162,7 +163,8 @@ def _array_record(array: Any) -> dict[str, Any] | None:
     if isinstance(array, jax.Array) and not array.is_fully_addressable:
         return None
     host = np.ascontiguousarray(np.asarray(array))
-    return {"dtype": host.dtype.name, "shape": list(host.shape), "sha256": hashlib.sha256(host.reshape(-1).view(np.uint8)).hexdigest()}
+    digest = hashlib.sha256(host.reshape(-1).view(np.uint8)).hexdigest()
+    return {"dtype": host.dtype.name, "shape": list(host.shape), "sha256": digest}
 
 
 def _write_checksums(directory: Path, arrays: dict[str, Any]) -> None:
