@@ -354,7 +354,7 @@ def visible_lines(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def bad_inputs(tmp_path_factory, tiny_dir):
+def bad_inputs(tmp_path_factory, tiny_dir, converted_dir):
     """A folder of everything a user can get wrong: missing, looping and broken paths, directories where files
     belong, files that are not images / videos / UTF-8 / JSON, request files with each kind of bad line, and
     damaged copies of the tiny checkpoint."""
@@ -383,6 +383,10 @@ def bad_inputs(tmp_path_factory, tiny_dir):
     weights = d / "ckpt_truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     (d / "ckpt_no_weights" / "model.safetensors").unlink()
+    shutil.copytree(converted_dir, d / "converted_damaged")
+    chunk = max((p for p in (d / "converted_damaged").rglob("*") if p.is_file() and p.parent.name == "d"),
+                key=lambda p: p.stat().st_size)
+    chunk.write_bytes(chunk.read_bytes()[:100])
     return d
 
 
@@ -406,6 +410,7 @@ ERROR_WALK = [  # (argv, what the one error line must say); relative paths are i
     (["generate", "--model", "ckpt_bad_config", "--prompt", "hi"], "config.json is not valid JSON"),
     (["generate", "--model", "ckpt_truncated", "--prompt", "hi"], "cannot read safetensors file"),
     (["generate", "--model", "ckpt_no_weights", "--prompt", "hi"], "no model.safetensors or model.safetensors.index"),
+    (["generate", "--model", "converted_damaged", "--prompt", "hi"], "convert it again"),
     # generate: media
     (GEN + ["--image", "/no/such.png"], "image '/no/such.png' does not exist"),
     (GEN + ["--image", "adir"], "image 'adir' is a directory, not a file"),
@@ -483,7 +488,7 @@ ERROR_WALK = [  # (argv, what the one error line must say); relative paths are i
      "dup.jsonl:2: id 'a' repeats line 1"),
     (["batch", "--model", "{tiny}", "--input", "empty.jsonl", "--output", "out.jsonl"], "empty.jsonl: no requests"),
     # make-tiny, convert, bench
-    (["make-tiny", "{tiny}"], "already exists and is not an empty directory"),
+    (["make-tiny", "{tiny}"], "already exists (an earlier make-tiny output)"),
     (["make-tiny", "out", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
     (["make-tiny", "out", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
     (["convert", "./missing", "out", "--no-progress"], "checkpoint directory './missing' does not exist"),
