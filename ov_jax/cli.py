@@ -48,34 +48,20 @@ def check_file(path: str, what: str) -> str:
     return path
 
 
-def load_images(paths: Sequence[str]) -> list:
-    """Open every image fully now (RGB), so an unreadable file fails before any model is loaded."""
-    from PIL import Image, UnidentifiedImageError
+def load_images(sources: Sequence[str]) -> list:
+    """Load every image now (paths, http(s) URLs or base64, as the processor reads them), so a bad one fails
+    before any model is loaded."""
+    from ov_jax.processing.media import load_image
 
-    images = []
-    for path in paths:
-        check_file(path, "image")
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise UsageError(f"cannot read image {path!r}: {err}") from None
-    return images
+    return [load_image(source) for source in sources]
 
 
 def check_video(path: str) -> str:
     """``path`` if PyAV can open it as a video: a broken file fails here, in one line, before the decoders
     (which print their own native errors) ever see it."""
-    import av
+    from ov_jax.processing.video import check_video_file
 
-    check_file(path, "video")
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise UsageError(f"{path!r} has no video stream")
-    except av.FFmpegError as err:
-        raise UsageError(f"cannot read video {path!r}: {err}") from None
-    return path
+    return check_video_file(path)
 
 
 def conversation(prompt: str, images: Sequence[Any] = (), video: str | None = None) -> list[dict]:
@@ -349,7 +335,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                           "answer to stdout; the last line reports tokens/s.")
     gen.add_argument("--model", required=True, help="checkpoint directory, converted directory or hub id")
     gen.add_argument("--image", action="append", default=[], metavar="PATH",
-                     help="an image file; repeat for several images (multi-image mode)")
+                     help="an image file, http(s) URL or base64 data; repeat for several images (multi-image mode)")
     gen.add_argument("--video", metavar="PATH", help="a video file")
     gen.add_argument("--num-frames", type=int, default=8, help="frames sampled from --video (default 8)")
     gen.add_argument("--prompt", required=True, help="the user's question")
