@@ -106,11 +106,11 @@ def _pil_to_rgb(image: Image.Image, convert: bool) -> np.ndarray:
 
 def _array_to_rgb(array: np.ndarray, convert: bool) -> np.ndarray:
     """NumPy image (HW, HWC or CHW with 1/3/4 channels, uint8 values) → uint8 HWC RGB."""
-    if array.ndim == 2:
+    if array.ndim == 2:  # grayscale H x W
         array = array[:, :, None]
-    if array.ndim != 3:
+    elif array.ndim != 3:
         raise ValueError(f"an image array must be HxW, HxWxC or CxHxW; got shape {array.shape}")
-    if array.shape[0] in (1, 3, 4):  # channels first wins when ambiguous, as in the reference
+    elif array.shape[0] in (1, 3, 4):  # channels first wins when ambiguous, as in the reference
         array = np.moveaxis(array, 0, -1)
     elif array.shape[-1] not in (1, 3, 4):
         raise ValueError(f"cannot find the channel axis (1, 3 or 4 channels) of an image of shape {array.shape}")
