@@ -156,7 +156,7 @@ def _serve() -> None:
 
 class _Worker:
     def __init__(self):
-        command = [sys.executable, "-I", "-c", _WORKER_BOOTSTRAP, __file__, str(os.getpid())]
+        command = [sys.executable, "-P", "-c", _WORKER_BOOTSTRAP, __file__, str(os.getpid())]
         self.owner = os.getpid()
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, process_group=0)
 
