@@ -340,7 +340,7 @@ def _open_with_pyav(path: str):
     try:
         container = av.open(path)
     except (av.error.FFmpegError, UnicodeDecodeError) as error:
-        raise MediaError(f"cannot open video {path!r}: {error}") from error
+        raise MediaError(f"cannot read video {path!r}: {error}") from error
     if not container.streams.video:
         container.close()
         raise MediaError(f"video {path!r} has no video stream")
