@@ -20,21 +20,13 @@ OUTPUT_BOMB = "{% for i in range(100000) %}{% for j in range(100000) %}012345678
 
 @pytest.fixture()
 def checkpoint_with_template(tiny_ckpt, tmp_path):
-    """A copy of the tiny checkpoint's processor files (and, linked, its weights) with a given template."""
+    """A copy of the tiny checkpoint (about 1 MB) with the given chat template."""
 
     def make(template: str | bytes):
         folder = tmp_path / "ckpt"
         shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir()
-        for entry in os.listdir(tiny_ckpt):
-            source = os.path.join(tiny_ckpt, entry)
-            if entry.endswith(".json"):
-                shutil.copy(source, folder / entry)
-            else:
-                os.symlink(source, folder / entry)
-        os.unlink(folder / "chat_template.jinja")
-        target = folder / "chat_template.jinja"
-        target.write_bytes(template if isinstance(template, bytes) else template.encode())
+        shutil.copytree(tiny_ckpt, folder)
+        (folder / "chat_template.jinja").write_bytes(template if isinstance(template, bytes) else template.encode())
         return folder
 
     return make
