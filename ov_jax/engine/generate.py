@@ -339,7 +339,8 @@ class Engine:
 
         Defaults are the engine's buckets. ``max_new_tokens`` limits the cache buckets to the one each
         prompt bucket needs for that many new tokens (default: every cache bucket that fits the prompt).
-        ``sampling`` lists modes (``"greedy"``, ``"sample"`` or :class:`SamplingMode`); ``media=False``
+        ``sampling`` lists modes (``"greedy"``, ``"sample"`` — sampling with the generation config's top-k
+        and top-p — or :class:`SamplingMode`); ``media=False``
         skips the vision tower (text-only serving); ``streaming=True`` also compiles the per-token step
         that streamed requests use with the device loop. ``compilation_cache_dir`` enables jax's persistent
         cache first, so a restarted process loads executables instead of compiling them.
@@ -348,7 +349,7 @@ class Engine:
             enable_compilation_cache(compilation_cache_dir)
         batch_sizes = tuple(batch_sizes or self.buckets.batch)
         prompt_lengths = tuple(prompt_lengths or self.buckets.prompt)
-        modes = [_mode(m) for m in sampling]
+        modes = [self._mode(m) for m in sampling]
 
         def caches(t: int) -> tuple[int, ...]:
             if max_new_tokens is None:
@@ -371,6 +372,15 @@ class Engine:
             jobs += [(f"decode B={b} S={s} {m.name}", functools.partial(decode, b, s, m)) for decode in decoders
                      for s in sorted({s for t in prompt_lengths for s in caches(t)}) for m in modes]
         return self._run_jobs(jobs, progress)
+
+    def _mode(self, m: SamplingMode | str) -> SamplingMode:
+        if isinstance(m, SamplingMode):
+            return m
+        if m == "greedy":
+            return GREEDY
+        if m == "sample":
+            return SamplingMode.from_args(True, self.generation_config.top_k, self.generation_config.top_p)
+        raise ValueError(f"sampling mode must be 'greedy', 'sample' or a SamplingMode, got {m!r}")
 
     def _run_jobs(self, jobs, progress: bool) -> list[CompileRecord]:
         from tqdm.auto import tqdm
@@ -412,13 +422,3 @@ def _rules(stop_ids, pad_id, temperature, top_p, seed) -> TokenRules:
     stops[:len(stop_ids)] = stop_ids
     return TokenRules(stops, np.int32(pad_id), np.float32(temperature), top_p_threshold(top_p),
                       np.uint32(int(seed) % 2**32))
-
-
-def _mode(m: SamplingMode | str) -> SamplingMode:
-    if isinstance(m, SamplingMode):
-        return m
-    if m == "greedy":
-        return GREEDY
-    if m == "sample":
-        return SamplingMode(do_sample=True)
-    raise ValueError(f"sampling mode must be 'greedy', 'sample' or a SamplingMode, got {m!r}")
