@@ -198,6 +198,15 @@ def test_bad_sampling_values_are_named(model, kwargs, name):
         model.generate(text_prompt(model.config, 4)[None], **kwargs)
 
 
+def test_batch_checks_sampling_values_before_any_request(model):
+    from ov_jax.batch_inference import make_generate_fn
+
+    with pytest.raises(GenerationConfigError, match="temperature"):
+        make_generate_fn(model, processor=None, temperature=float("nan"), seed=1)
+    with pytest.raises(GenerationConfigError, match="max_new_tokens"):
+        make_generate_fn(model, processor=None, max_new_tokens=0)
+
+
 @pytest.mark.parametrize("flags,name", [(["--temperature", "nan"], "temperature"), (["--top-p", "nan"], "top_p"),
                                         (["--temperature", "inf"], "temperature"), (["--top-k", "-3"], "top_k")])
 def test_cli_bad_sampling_values_are_one_line(tiny_ckpt, capsys, flags, name):
