@@ -265,7 +265,14 @@ def request_conversation(record: Record, media_root: str | os.PathLike | None = 
 def make_generate_fn(model: Any, processor: Any, *, max_new_tokens: int = 128, num_frames: int | None = None,
                      media_root: str | os.PathLike | None = None, **generate_kwargs: Any) -> InferFn:
     """``infer(records)`` that renders the chat template, runs ``model.generate`` on the whole batch and
-    decodes the new tokens. A request's own ``max_new_tokens`` caps its answer (the batch runs to the largest)."""
+    decodes the new tokens. A request's own ``max_new_tokens`` caps its answer (the batch runs to the largest).
+
+    Stop / pad ids and the sampling values not in ``generate_kwargs`` come from ``model.generation_config``
+    (`ov_jax.generation`); a bad value in ``generate_kwargs`` raises here, before any request runs.
+    """
+    from ov_jax.generation import generation_overrides
+
+    model.generation_config.merged(max_new_tokens=max_new_tokens, **generation_overrides(generate_kwargs))
 
     def infer(records: list[Record]) -> list[str]:
         conversations = [request_conversation(r, media_root) for r in records]
