@@ -431,9 +431,11 @@ ERROR_WALK = [  # (argv, what the one error line must say); relative paths are i
     (GEN + ["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (GEN + ["--max-new-tokens", "100000"], "lower max_new_tokens"),
     (GEN + ["--num-frames", "0"], "--num-frames must be >= 1"),
-    (GEN + ["--temperature", "-1"], "--temperature must be >= 0"),
+    (GEN + ["--temperature", "-1"], "temperature must be a finite number >= 0, got -1.0"),
+    (GEN + ["--temperature", "nan"], "temperature must be a finite number >= 0, got nan"),
+    (GEN + ["--top-p", "inf", "--temperature", "1"], "top_p must be"),
     (GEN + ["--top-p", "0.5"], "--top-p only filter sampled tokens"),
-    (GEN + ["--top-k", "-1", "--temperature", "1"], "--top-k must be >= 0"),
+    (GEN + ["--top-k", "-1", "--temperature", "1"], "top_k must be an integer >= 0 (0 = off), got -1"),
     (GEN + ["--seed", "x"], "argument --seed: invalid int value: 'x'"),
     # generate: the prompt
     (["generate", "--model", "{tiny}"], "one of the arguments --prompt --prompt-file is required"),
