@@ -2,7 +2,7 @@
 
 One run measures, per dtype, on identical inputs (same seeds) in separate processes (so peak RSS is per system):
   * decode tokens/s at batch 1 and 8 (a 32-token text prompt; ``(t(N+1 new) - t(1 new))`` so prefill is excluded),
-    for the engine with both decode loops (jitted Python-driven step and ``lax.while_loop``). Decode is measured
+    for the engine streamed (a token callback) and not (both run the same device-loop decode chunks). Decode is measured
     in paired rounds: both systems stay loaded (one process each) and take turns, so every round's speed-up
     compares the two under the same machine state (a shared host's memory bandwidth drifts by 2x over minutes);
     the table gives the median over rounds and the range of the per-round speed-ups;
@@ -147,22 +147,18 @@ def jax_decoder(dtype: str):
     """The engine warmed up for the decode workload; returns ``(measure(batch) -> {loop: tok/s}, info)``."""
     config, engine = jax_engine(dtype)
     new = DECODE_NEW[dtype]
-    info: dict = {"system": "ov_jax", "dtype": dtype, "default_loop": engine.loop}
+    info: dict = {"system": "ov_jax", "dtype": dtype, "default_loop": "device"}
     requests = {}
     for batch in (1, 8):
         requests[batch] = inputs(config, "decode", batch)
-        compiled = engine.warmup([batch], [engine.buckets.prompt_bucket(PROMPT_TEXT)], new + 1, media=False,
-                                 streaming=True, progress=False)  # both decode loops
+        compiled = engine.warmup([engine.buckets.prompt_bucket(PROMPT_TEXT)], new + 1, media=False, progress=False)
         info[f"compile_s_decode_b{batch}"] = sum(r.seconds for r in compiled)
-    default_loop = engine.loop
 
     def measure(batch: int) -> dict:
         rates = {}
-        for loop in ("python", "device"):
-            engine.loop = loop
-            run = lambda n: engine.generate(**requests[batch], max_new_tokens=n, stop_token_ids=[])
+        for loop, streamer in (("stream", lambda tokens: None), ("device", None)):
+            run = lambda n: engine.generate(**requests[batch], max_new_tokens=n, stop_token_ids=[], streamer=streamer)
             rates[loop] = decode_rate(run, batch, new)
-        engine.loop = default_loop
         return rates
 
     info["compile_s_total"] = sum(r.seconds for r in engine.compile_log)
@@ -177,7 +173,7 @@ def run_jax(dtype: str, workloads: list[str]) -> dict:
     for workload in workloads:
         req = inputs(config, workload)
         t = engine.buckets.prompt_bucket(req["input_ids"].shape[1])
-        compiled = engine.warmup([1], [t], 1, progress=False)
+        compiled = engine.warmup([t], 1, progress=False)
         out[f"compile_s_{workload}"] = sum(r.seconds for r in compiled)
         out["buckets"][workload] = {"tokens": int(req["input_ids"].shape[1]), "prompt_bucket": t}
         out[f"prefill_s_{workload}"] = timed(lambda: engine.generate(**req, max_new_tokens=1))
@@ -370,11 +366,11 @@ def table(results: dict) -> str:
         for batch in (1, 8):
             key = f"decode_tok_s_b{batch}"
             if key in ours or key in ref:
-                loops = " / ".join(fmt(ours, f"{key}_{loop}", "{:.2f}") for loop in ("python", "device"))
+                loops = " / ".join(fmt(ours, f"{key}_{loop}", "{:.2f}") for loop in ("stream", "device"))
                 ratio = paired.get(f"speedup_b{batch}")
                 ratio = f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else "-"
                 lines.append(f"| decode tok/s, batch {batch}, median of {len(paired['bandwidth_gb_s'])} rounds "
-                             f"(ov_jax python / device loop: {loops}) | {dtype} | {fmt(ours, key, '{:.2f}')} | "
+                             f"(ov_jax streamed / not streamed: {loops}) | {dtype} | {fmt(ours, key, '{:.2f}')} | "
                              f"{fmt(ref, key, '{:.2f}')} | {ratio} |")
         if "roofline_fraction_b1" in paired:
             bws = paired["bandwidth_gb_s"]

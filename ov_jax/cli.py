@@ -253,7 +253,7 @@ def run_generate(args: argparse.Namespace) -> int:
         bar.update()
         bar.set_postfix_str("done")
 
-    from ov_jax.engine import SamplingMode, engine_for
+    from ov_jax.engine import engine_for
     from ov_jax.generation import check_max_positions
 
     overrides = sampling_overrides(args)
@@ -264,9 +264,7 @@ def run_generate(args: argparse.Namespace) -> int:
     check_max_positions(model.config.text, prompt_length, args.max_new_tokens, args.allow_beyond_max_positions)
     prompt_bucket = buckets.prompt_bucket(prompt_length, media_tokens)
     buckets.cache_bucket(prompt_bucket, args.max_new_tokens, prompt_length, media_tokens)  # too long: clear error
-    mode = SamplingMode.from_args(generation.do_sample, generation.top_k, generation.top_p)
-    model.warmup(batch_sizes=(buckets.batch_bucket(1),), prompt_lengths=(prompt_bucket,),
-                 max_new_tokens=args.max_new_tokens, sampling=(mode,),
+    model.warmup(prompt_lengths=(prompt_bucket,), max_new_tokens=args.max_new_tokens,
                  media="pixel_values" in inputs or "pixel_values_videos" in inputs)
 
     streamer = StdoutStreamer(processor, generation.eos_token_id)

@@ -168,11 +168,11 @@ class LlavaOnevision:
             seed=seed, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, streamer=streamer,
             allow_beyond_max_positions=allow_beyond_max_positions)
 
-    def warmup(self, buckets=None, *, layout=None, loop=None, **options):
+    def warmup(self, buckets=None, *, layout=None, decode_steps=None, **options):
         """Precompile the engine's buckets (``ov_jax.engine.Buckets``) with a progress bar; returns the
-        per-executable compile times. ``buckets``/``layout``/``loop`` reconfigure the engine first;
-        ``options`` go to ``Engine.warmup`` (batch_sizes, prompt_lengths, sampling, compilation_cache_dir …)."""
+        per-executable compile times. ``buckets``/``layout``/``decode_steps`` reconfigure the engine first;
+        ``options`` go to ``Engine.warmup`` (prompt_lengths, max_new_tokens, media, compilation_cache_dir …)."""
         from ov_jax.engine import engine_for
 
-        engine_options = {k: v for k, v in (("layout", layout), ("loop", loop)) if v is not None}
+        engine_options = {k: v for k, v in (("layout", layout), ("decode_steps", decode_steps)) if v is not None}
         return engine_for(self, buckets, **engine_options).warmup(**options)

@@ -157,12 +157,12 @@ def test_rows_stop_independently_and_pad_after_their_stop_token(model, reference
     assert (ours[0, 4:] == pad).all()
 
 
-def test_scanned_layout_and_python_loop_agree_with_defaults(model, reference):
-    """The non-default decode paths (stacked-cache scan, Python-driven step) give the default path's tokens."""
+def test_scanned_layout_and_single_step_chunks_agree_with_defaults(model, reference):
+    """The non-default decode paths (stacked-cache scan, one step per device call) give the default tokens."""
     ids, mask = text_batch(model, np.random.default_rng(7))
     expected = model.generate(ids, mask, max_new_tokens=NEW)  # unrolled layout (CPU), device loop
     np.testing.assert_array_equal(expected, hf_generate(reference, ids, mask, NEW, *stops(model)))
-    other = Engine(model.config, model.params, model.dtype, BUCKETS, layout="scanned", loop="python")
+    other = Engine(model.config, model.params, model.dtype, BUCKETS, layout="scanned", decode_steps=1)
     np.testing.assert_array_equal(other.generate(ids, mask, max_new_tokens=NEW), expected)
 
 

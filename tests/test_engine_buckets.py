@@ -79,7 +79,7 @@ def random_request(rng, config):
 def test_no_compilation_after_warmup(engine):
     records = engine.warmup(max_new_tokens=NEW, progress=False)
     assert records and all(r.seconds > 0 for r in records)
-    assert {r.name for r in records} == {"encode", "media_start", "media_add", "prefill", "start", "decode_loop"}
+    assert {r.name for r in records} == {"encode", "media_start", "media_add", "prefill", "insert", "decode", "evict"}
     compiled, events = engine.compile_count, COUNTER.count
     rng = np.random.default_rng(0)
     shapes = set()
@@ -106,8 +106,7 @@ def test_warmup_reports_each_bucket_and_caches_on_disk(tiny_ckpt, tmp_path):
         jax.config.update("jax_compilation_cache_dir", None)
         compilation_cache.reset_cache()
     assert [(r.name, r.key) for r in records] == [
-        ("media_start", (1, 32)), ("prefill", (1, 32)), ("start", (1, 32, 40, "greedy")),
-        ("decode_loop", (1, 40, "greedy"))]
+        ("media_start", (32,)), ("prefill", (32,)), ("insert", (32, 40)), ("decode", (40,)), ("evict", (40,))]
     assert any(tmp_path.iterdir()), "the persistent compilation cache wrote nothing"
     assert fresh.warmup(media=False, progress=False) == []  # already compiled: nothing new
 

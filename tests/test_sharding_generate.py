@@ -76,7 +76,7 @@ def test_sharded_greedy_generation_is_token_identical(tiny_model, request_batch,
 
     data, tensor = mesh.shape["data"], mesh.shape["tensor"]
     decode = next(exe for key, exe in engine._executables.items()
-                  if key[0] in ("decode_step", "decode_loop")).compiled  # cache is argument 2 of both
+                  if key[0] == "decode").compiled  # the cache is argument 2
     cache = decode.input_shardings[0][2]
     kv = "tensor" if tensor == 2 else None  # 2 KV heads: sharded over tensor=2, replicated over 4 and 8
     batch = "data" if data > 1 else None

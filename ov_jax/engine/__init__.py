@@ -1,12 +1,12 @@
-"""Inference engine: static buckets, AOT-compiled prefill/decode with a donated KV cache, sampling, streaming."""
+"""Inference engine: static buckets, AOT-compiled prefill and per-row decode, continuous batching, streaming."""
 
 from ov_jax.engine.buckets import Buckets, PromptTooLongError
 from ov_jax.engine.generate import CompileRecord, Engine, enable_compilation_cache
-from ov_jax.engine.sampling import SamplingMode
+from ov_jax.engine.scheduler import Request, Scheduler
 from ov_jax.engine.streaming import TokenStreamer
 
-__all__ = ["Buckets", "CompileRecord", "Engine", "PromptTooLongError", "SamplingMode",
-           "TokenStreamer", "enable_compilation_cache", "engine_for"]
+__all__ = ["Buckets", "CompileRecord", "Engine", "PromptTooLongError", "Request", "Scheduler", "TokenStreamer",
+           "enable_compilation_cache", "engine_for"]
 
 
 def engine_for(model, buckets: Buckets | None = None, **options) -> Engine:

@@ -148,23 +148,31 @@ def _left_pad(x: np.ndarray, length: int, rows: int, fill=0) -> np.ndarray:
     return out
 
 
-def pad_request(input_ids: np.ndarray, mask: np.ndarray, plan: MediaPlan, buckets: Buckets,
-                pad_token_id: int) -> PaddedRequest:
-    """Left-pad a (left-padded, pad-column-free) request and its media plan up to its buckets."""
+def pad_rows(input_ids: np.ndarray, mask: np.ndarray, plan: MediaPlan, buckets: Buckets,
+             pad_token_id: int) -> list[PaddedRequest]:
+    """Each row of a left-padded, pad-column-free request on its own (batch 1), left-padded up to the prompt
+    bucket of the longest row: rows run as separate slots of the decode batch, and one bucket per request keeps
+    the insert executables to one per (prompt, cache) bucket pair. Every row shares ``plan.tower_inputs`` (its
+    taps index into all of them). More rows than the largest batch bucket (the decode batch) is an error."""
     rows, length = input_ids.shape
+    buckets.batch_bucket(rows)
     media_per_row = (plan.is_media & mask).sum(axis=1)
-    longest = int(np.argmax(mask.sum(axis=1)))
-    media = int(media_per_row[longest])
-    t = buckets.prompt_bucket(length, media)
-    b = buckets.batch_bucket(rows)
-    return PaddedRequest(
-        input_ids=_left_pad(input_ids.astype(np.int32), t, b, fill=pad_token_id),
-        attention_mask=_left_pad(mask.astype(bool), t, b, fill=False),
-        tap_index=_left_pad(plan.tap_index.astype(np.int32), t, b),
-        tap_weight=_left_pad(plan.tap_weight.astype(np.float32), t, b),
-        is_media=_left_pad(plan.is_media.astype(bool), t, b, fill=False),
-        tower_inputs=plan.tower_inputs,
-        rows=rows,
-        length=length,
-        media_tokens=media,
-    )
+    t = buckets.prompt_bucket(length, int(media_per_row[int(np.argmax(mask.sum(axis=1)))]))
+    out = []
+    for r in range(rows):
+        first = int(np.argmax(mask[r]))
+        length = mask.shape[1] - first
+        media = int(media_per_row[r])
+        part = np.s_[r:r + 1, first:]
+        out.append(PaddedRequest(
+            input_ids=_left_pad(input_ids[part].astype(np.int32), t, 1, fill=pad_token_id),
+            attention_mask=_left_pad(mask[part].astype(bool), t, 1, fill=False),
+            tap_index=_left_pad(plan.tap_index[part].astype(np.int32), t, 1),
+            tap_weight=_left_pad(plan.tap_weight[part].astype(np.float32), t, 1),
+            is_media=_left_pad(plan.is_media[part].astype(bool), t, 1, fill=False),
+            tower_inputs=plan.tower_inputs,
+            rows=1,
+            length=length,
+            media_tokens=media,
+        ))
+    return out

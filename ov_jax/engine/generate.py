@@ -1,14 +1,16 @@
-"""The inference engine: bucketed, ahead-of-time compiled prefill and decode with a donated KV cache.
+"""The inference engine: bucketed, ahead-of-time compiled prefill and per-row decode over a donated KV cache.
 
-:class:`Engine` owns one executable per (function, bucket shape, sampling mode), compiled on first use
-or by :meth:`Engine.warmup`; a request is padded on the host into its buckets (`ov_jax.engine.buckets`)
-and never reaches a compiled shape itself. ``compile_log`` records every compilation, so "zero
-recompiles after warm-up" is a checkable number.
+:class:`Engine` owns one executable per (function, bucket shape), compiled on first use or by
+:meth:`Engine.warmup`; a request is padded on the host into its buckets (`ov_jax.engine.buckets`) and never
+reaches a compiled shape itself. ``compile_log`` records every compilation, so "zero recompiles after
+warm-up" is a checkable number. Sampling settings, stop ids and seeds are per-row data
+(`ov_jax.engine.slots`), never part of a compile key.
 
-Flow of ``generate``: host media plan → ``media_start`` → (vision tower on a chunk → ``media_add``) per
-chunk of tiles/frames → ``prefill`` (prompt KV + last logits) → ``start`` (first token, KV moved into the
-decode cache) → decode, either a Python loop over a jitted step (streams, stops early when every row is
-done) or a ``lax.while_loop`` on device.
+Flow of a row (driven by `ov_jax.engine.scheduler.Scheduler`): vision tower on a chunk of tiles/frames
+(``encode``, once per request) → ``media_start`` / ``media_add`` (the row's media rows) → ``prefill``
+(prompt KV + last logits, batch 1) → ``insert`` (first token; KV into a free slot of the running batch) →
+``decode`` chunks of ``decode_steps`` steps (``lax.while_loop``) shared by every running row → ``evict``
+for a row that is cancelled. ``generate`` is a client of a scheduler.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import dataclasses
 import functools
 import logging
 import os
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -26,19 +29,20 @@ import numpy as np
 
 from ov_jax import sharding as sh
 from ov_jax.config import OneVisionConfig
-from ov_jax.engine import steps
-from ov_jax.engine.buckets import Buckets, PaddedRequest, check_left_padded, drop_pad_columns, pad_request
-from ov_jax.engine.sampling import GREEDY, SamplingMode, top_p_threshold
-from ov_jax.engine.steps import MAX_STOP_IDS, DecodeState, TokenRules
+from ov_jax.engine import slots, steps
+from ov_jax.engine.buckets import Buckets, PaddedRequest, check_left_padded, drop_pad_columns, pad_rows
+from ov_jax.engine.sampling import top_p_threshold
+from ov_jax.engine.features import FeatureCache
+from ov_jax.engine.scheduler import MediaJob, Request, Scheduler
+from ov_jax.engine.slots import MAX_STOP_IDS, DecodeState, RowSettings
 from ov_jax.engine.streaming import as_sink
-from ov_jax.generation import GenerationConfig, GenerationConfigError, check_max_positions, infer_attention_mask
+from ov_jax.generation import (DEFAULT_NEW_TOKENS, GenerationConfig, GenerationConfigError, check_max_positions,
+                               infer_attention_mask)
 from ov_jax.media_plan import build_media_plan
 from ov_jax.modeling import qwen2
 from ov_jax.modeling.layers import attention, attention_by_head
 
 log = logging.getLogger(__name__)
-
-LOOPS = ("python", "device")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +79,9 @@ class Engine:
     """Bucketed generation for one model.
 
     ``params`` is the stacked params tree (``LlavaOnevision.params``). ``layout`` is ``"unrolled"``
-    (default on CPU) or ``"scanned"`` (default elsewhere), see `ov_jax.engine.steps`. ``loop`` is
-    ``"device"`` (``lax.while_loop``; default: never slower than the Python loop in our measurements,
-    and clearly faster when the host is busy, since no host thread has to be scheduled per token) or
-    ``"python"`` (a jitted step per token); a streamer always uses the Python loop.
+    (default on CPU) or ``"scanned"`` (default elsewhere), see `ov_jax.engine.steps`. The decode batch has
+    ``slots`` rows (the largest batch bucket); ``decode_steps`` tokens per row are decoded per device call
+    (``lax.while_loop``), the step boundary where rows join and leave and where streamed tokens arrive.
     ``generation_config`` (`ov_jax.generation.GenerationConfig`, default: the text config's ids) supplies the
     stop and pad ids and the sampling defaults of :meth:`generate`.
 
@@ -87,7 +90,7 @@ class Engine:
     """
 
     def __init__(self, config: OneVisionConfig, params: dict, dtype: Any = jnp.float32,
-                 buckets: Buckets | None = None, *, layout: str | None = None, loop: str = "device",
+                 buckets: Buckets | None = None, *, layout: str | None = None, decode_steps: int = 8,
                  generation_config: GenerationConfig | None = None, mesh: Any = None):
         compilation_cache_from_environment()
         self.config = config
@@ -98,9 +101,10 @@ class Engine:
         self.layout = layout or ("unrolled" if self.platform == "cpu" else "scanned")
         if self.layout not in steps.LAYOUTS:
             raise ValueError(f"layout must be one of {steps.LAYOUTS}, got {self.layout!r}")
-        if loop not in LOOPS:
-            raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
-        self.loop = loop
+        if int(decode_steps) < 1:
+            raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
+        self.decode_steps = int(decode_steps)
+        self.slots = self.buckets.batch[-1]
         self.generation_config = generation_config or GenerationConfig.from_text_config(config.text)
         # XLA:CPU runs per-head 2-D attention products ~2x faster than batched einsums (layers.attention_by_head)
         self._attend = attention_by_head if self.platform == "cpu" else attention
@@ -111,6 +115,9 @@ class Engine:
         self.tokens_per_tile = config.vision.num_patches
         self._derive_serving_params(params)
         self._executables: dict[tuple, Any] = {}
+        self._compile_lock = threading.Lock()
+        self._scheduler: Scheduler | None = None
+        self.feature_cache: FeatureCache | None = None  # set one to skip the tower for pixels seen before
         self.compile_log: list[CompileRecord] = []
 
     def _derive_serving_params(self, params: dict) -> None:
@@ -155,27 +162,27 @@ class Engine:
         """Abstract input; on a mesh, sharded by its logical kind (`ov_jax.sharding.ACTIVATION_AXES`)."""
         return sh.spec(shape, dtype, self.mesh, kind)
 
-    def _rules_spec(self) -> TokenRules:
-        return TokenRules(*(self._spec(x.shape, x.dtype) for x in _rules_spec()))
-
     def _executable(self, name: str, key: tuple, fn: Callable, args: Sequence[Any], donate: tuple[int, ...] = ()):
         """The compiled ``fn`` for these argument shapes, compiling (and logging) it on first use."""
         full_key = (name,) + key
         exe = self._executables.get(full_key)
         if exe is None:
-            start = time.perf_counter()
-            exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
-            if self.mesh is not None:
-                exe = sh.sharded_call(exe)
-            record = CompileRecord(name, key, time.perf_counter() - start)
-            self.compile_log.append(record)
-            log.info("compiled %s %s in %.2fs", name, key, record.seconds)
-            self._executables[full_key] = exe
+            with self._compile_lock:
+                exe = self._executables.get(full_key)
+                if exe is None:
+                    start = time.perf_counter()
+                    exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+                    if self.mesh is not None:
+                        exe = sh.sharded_call(exe)
+                    record = CompileRecord(name, key, time.perf_counter() - start)
+                    self.compile_log.append(record)
+                    log.info("compiled %s %s in %.2fs", name, key, record.seconds)
+                    self._executables[full_key] = exe
         return exe
 
-    def _media_start(self, b: int, t: int):
-        args = (self._newline, self._spec((b, t, 4), np.int32, "taps"), self._spec((b, t, 4), np.float32, "taps"))
-        return self._executable("media_start", (b, t), lambda nl, i, w: steps.media_start({"image_newline": nl}, i, w),
+    def _media_start(self, t: int):
+        args = (self._newline, self._spec((1, t, 4), np.int32, "taps"), self._spec((1, t, 4), np.float32, "taps"))
+        return self._executable("media_start", (t,), lambda nl, i, w: steps.media_start({"image_newline": nl}, i, w),
                                 args)
 
     def _encode(self):
@@ -185,34 +192,23 @@ class Engine:
         fn = functools.partial(steps.encode_tiles, config=self.config, dtype=self.dtype, attend=self._attend)
         return self._executable("encode", (c,), fn, args)
 
-    def _media_add(self, b: int, t: int):
+    def _media_add(self, t: int):
         c, h = self.tower_chunk, self.config.text.hidden_size
         features = self._spec((c * self.tokens_per_tile, h), self.dtype, ("tiles", None))
-        args = (self._spec((b, t, h), np.float32, "hidden"), features, self._spec((b, t, 4), np.int32, "taps"),
-                self._spec((b, t, 4), np.float32, "taps"), self._spec((), np.int32))
+        args = (self._spec((1, t, h), np.float32, "hidden"), features, self._spec((1, t, 4), np.int32, "taps"),
+                self._spec((1, t, 4), np.float32, "taps"), self._spec((), np.int32))
         fn = functools.partial(steps.media_add, tokens_per_tile=self.tokens_per_tile)
-        return self._executable("media_add", (b, t, c), fn, args, donate=(0,))
+        return self._executable("media_add", (t, c), fn, args, donate=(0,))
 
-    def _prefill(self, b: int, t: int):
+    def _prefill(self, t: int):
         h = self.config.text.hidden_size
-        args = (self._prefill_params, self._spec((b, t), np.int32, "tokens"), self._spec((b, t), bool, "tokens"),
-                self._spec((b, t, h), np.float32, "hidden"), self._spec((b, t), bool, "tokens"))
+        args = (self._prefill_params, self._spec((1, t), np.int32, "tokens"), self._spec((1, t), bool, "tokens"),
+                self._spec((1, t, h), np.float32, "hidden"), self._spec((1, t), bool, "tokens"))
         fn = functools.partial(steps.prefill, config=self.config, dtype=self.dtype, attend=self._attend)
-        return self._executable("prefill", (b, t), fn, args)
+        return self._executable("prefill", (t,), fn, args)
 
-    def _prompt_kv_spec(self, b: int, t: int) -> qwen2.KVCache:
-        tc = self.config.text
-        shape = (tc.num_hidden_layers, b, t, tc.num_key_value_heads, tc.head_dim)
-        return qwen2.KVCache(self._spec(shape, self.dtype, "cache"), self._spec(shape, self.dtype, "cache"))
-
-    def _start(self, b: int, t: int, s: int, mode: SamplingMode):
-        logits = self._spec((b, self.config.text.vocab_size), np.float32, ("batch", "vocab"))
-        args = (self._prompt_kv_spec(b, t), logits, self._spec((b, t), bool, "tokens"), self._rules_spec())
-        fn = functools.partial(steps.start_decode, mode=mode, cache_length=s, layout=self.layout)
-        return self._executable("start", (b, t, s, mode.name), fn, args)
-
-    def _cache_spec(self, b: int, s: int) -> qwen2.KVCache:
-        tc = self.config.text
+    def _cache_spec(self, s: int) -> qwen2.KVCache:
+        tc, b = self.config.text, self.slots
         if self.layout == "scanned":
             shape = (tc.num_hidden_layers, b, s, tc.num_key_value_heads, tc.head_dim)
             return qwen2.KVCache(self._spec(shape, self.dtype, "cache"), self._spec(shape, self.dtype, "cache"))
@@ -220,29 +216,77 @@ class Engine:
         layers = (layer,) * tc.num_hidden_layers
         return qwen2.KVCache(layers, layers)
 
-    def _state_spec(self, b: int, s: int) -> DecodeState:
-        return DecodeState(self._spec((b,), np.int32, "batch_vector"), self._spec((b,), np.int32, "batch_vector"),
-                           self._spec((b, s), bool, "tokens"), self._spec((b,), bool, "batch_vector"),
-                           self._spec((), np.int32), self._spec((), np.int32))
+    def _settings_spec(self, b: int) -> RowSettings:
+        vector = functools.partial(self._spec, (b,), kind="batch_vector")
+        return RowSettings(self._spec((b, MAX_STOP_IDS), np.int32), vector(np.int32), vector(np.int32),
+                           vector(bool), vector(np.float32), vector(np.int32), vector(np.float32),
+                           self._spec((b, 2), np.uint32))
 
-    def _decode_step(self, b: int, s: int, mode: SamplingMode):
-        args = (self._decode_params, self._layers, self._cache_spec(b, s), self._state_spec(b, s), self._rules_spec())
-        fn = functools.partial(steps.decode_step, mode=mode, config=self.config, dtype=self.dtype)
-        return self._executable("decode_step", (b, s, mode.name), fn, args, donate=(2,))
+    def _state_spec(self, s: int) -> DecodeState:
+        b = self.slots
+        vector = functools.partial(self._spec, (b,), kind="batch_vector")
+        return DecodeState(vector(np.int32), vector(np.int32), vector(np.int32), vector(np.int32),
+                           self._spec((b, s), bool, "tokens"), vector(bool), self._settings_spec(b))
 
-    def _decode_loop(self, b: int, s: int, mode: SamplingMode):
-        args = (self._decode_params, self._layers, self._cache_spec(b, s), self._state_spec(b, s), self._rules_spec(),
-                self._spec((), np.int32))
-        fn = functools.partial(steps.decode_loop, mode=mode, config=self.config, dtype=self.dtype)
-        return self._executable("decode_loop", (b, s, mode.name), fn, args, donate=(2, 3))
+    def _insert(self, t: int, s: int):
+        tc = self.config.text
+        kv_shape = (tc.num_hidden_layers, 1, t, tc.num_key_value_heads, tc.head_dim)
+        prompt_kv = qwen2.KVCache(self._spec(kv_shape, self.dtype, "cache"), self._spec(kv_shape, self.dtype, "cache"))
+        args = (self._cache_spec(s), self._state_spec(s), prompt_kv,
+                self._spec((1, tc.vocab_size), np.float32, ("batch", "vocab")), self._spec((1, t), bool, "tokens"),
+                self._spec((), np.int32), self._settings_spec(1), self._spec((), np.uint32), self._spec((), np.int32))
+        fn = functools.partial(slots.insert, layout=self.layout)
+        return self._executable("insert", (t, s), fn, args, donate=(0, 1))
+
+    def _evict(self, s: int):
+        return self._executable("evict", (s,), slots.evict, (self._state_spec(s), self._spec((), np.int32)),
+                                donate=(0,))
+
+    def _decode(self, s: int):
+        args = (self._decode_params, self._layers, self._cache_spec(s), self._state_spec(s))
+        fn = functools.partial(slots.decode_chunk, steps=self.decode_steps, config=self.config, dtype=self.dtype)
+        return self._executable("decode", (s,), fn, args, donate=(2, 3))
+
+    def empty_batch(self, s: int) -> tuple[Any, DecodeState]:
+        """A free decode batch (cache and state) of ``slots`` rows and ``s`` cache slots, as host arrays: the
+        first executable that takes them places them (no compilation)."""
+        cache = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), self._cache_spec(s))
+        state = slots.empty_state(self.slots, s)
+        return cache, state
+
+    # --- the steps a scheduler drives --------------------------------------------------------------------
+
+    def encode_chunk(self, tiles: np.ndarray, first: int) -> jax.Array:
+        """Projected features ``[C·729, H]`` of tiles ``first … first + C - 1`` of ``tiles`` (zero-padded)."""
+        c = self.tower_chunk
+        chunk = tiles[first:first + c]
+        if len(chunk) < c:
+            chunk = np.concatenate([chunk, np.zeros((c - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+        return self._encode()(self._media_params, chunk)
+
+    def media_rows(self, row: PaddedRequest, features: Sequence[jax.Array]) -> jax.Array:
+        """Float32 media rows ``[1, T, H]`` of one padded row from its request's per-chunk ``features``."""
+        t = row.prompt_length
+        tap_index, tap_weight = jax.device_put(row.tap_index), jax.device_put(row.tap_weight)
+        rows = self._media_start(t)(self._newline, tap_index, tap_weight)
+        if row.is_media.any():
+            add = self._media_add(t)
+            for i, feats in enumerate(features):
+                rows = add(rows, feats, tap_index, tap_weight, np.int32(i * self.tower_chunk))
+        return rows
+
+    def prefill_row(self, row: PaddedRequest, media_rows: jax.Array) -> tuple[jax.Array, qwen2.KVCache]:
+        """Last-slot logits ``[1, V]`` and the prompt KV of one padded row."""
+        return self._prefill(row.prompt_length)(self._prefill_params, row.input_ids, row.attention_mask,
+                                                media_rows, row.is_media)
 
     # --- requests ----------------------------------------------------------------------------------------
 
     def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,
-                pixel_values_videos=None, generation_config: GenerationConfig | None = None) -> PaddedRequest:
-        """Validate a request, plan its media on the host and pad everything into buckets with the pad id of
-        ``generation_config`` (default: the engine's). Without an ``attention_mask`` it is inferred from that
-        pad id, as transformers does (`ov_jax.generation.infer_attention_mask`)."""
+                pixel_values_videos=None, generation_config: GenerationConfig | None = None) -> list[PaddedRequest]:
+        """Validate a request, plan its media on the host and pad each row into its prompt bucket with the pad
+        id of ``generation_config`` (default: the engine's). Without an ``attention_mask`` it is inferred from
+        that pad id, as transformers does (`ov_jax.generation.infer_attention_mask`)."""
         generation_config = generation_config or self.generation_config
         ids = np.asarray(input_ids)
         if ids.dtype.kind not in "iu":
@@ -264,22 +308,22 @@ class Engine:
         ids, mask = drop_pad_columns(ids, mask)
         plan = build_media_plan(ids, self.config, pixel_values, image_sizes, batch_num_images, pixel_values_videos)
         pad_id = 0 if generation_config.pad_id is None else generation_config.pad_id
-        return pad_request(ids, mask, plan, self.buckets, pad_id)
+        return pad_rows(ids, mask, plan, self.buckets, pad_id)
 
-    def _media_rows(self, req: PaddedRequest) -> jax.Array:
-        b, t = req.batch, req.prompt_length
-        tap_index, tap_weight = jax.device_put(req.tap_index), jax.device_put(req.tap_weight)
-        rows = self._media_start(b, t)(self._newline, tap_index, tap_weight)
-        tiles = req.tower_inputs
-        if len(tiles):
-            encode, add, c = self._encode(), self._media_add(b, t), self.tower_chunk
-            for first in range(0, len(tiles), c):
-                chunk = tiles[first:first + c]
-                if len(chunk) < c:
-                    chunk = np.concatenate([chunk, np.zeros((c - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-                features = encode(self._media_params, chunk)
-                rows = add(rows, features, tap_index, tap_weight, np.int32(first))
-        return rows
+    def row_settings(self, generation_config: GenerationConfig, max_new_tokens: int) -> RowSettings:
+        """One row's :class:`~ov_jax.engine.slots.RowSettings` (``[1]`` numpy leaves) from a merged config."""
+        gen = generation_config
+        if len(gen.eos_token_id) > MAX_STOP_IDS:
+            raise GenerationConfigError(f"at most {MAX_STOP_IDS} stop token ids are supported, "
+                                        f"got {len(gen.eos_token_id)}")
+        stops = np.full((1, MAX_STOP_IDS), -1, np.int32)
+        stops[0, :len(gen.eos_token_id)] = gen.eos_token_id
+        one = functools.partial(np.full, (1,))
+        return RowSettings(stops, one(0 if gen.pad_id is None else gen.pad_id, np.int32),
+                           one(max_new_tokens, np.int32), one(gen.do_sample, bool),
+                           one(gen.temperature if gen.do_sample else 1.0, np.float32),
+                           one(gen.top_k, np.int32), one(top_p_threshold(gen.top_p), np.float32),
+                           np.zeros((1, 2), np.uint32))
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,
                  pixel_values_videos=None, max_new_tokens: int | None = None, do_sample: bool | None = None,
@@ -290,113 +334,108 @@ class Engine:
 
         Arguments are as transformers' ``generate`` for LLaVA-OneVision (processor outputs, left padding; a
         missing ``attention_mask`` is inferred from the pad id). Sampling follows transformers (temperature →
-        top-k → top-p) with a reproducible ``seed``. Arguments left ``None`` take the engine's
-        ``generation_config`` (`ov_jax.generation`); bad values raise ``GenerationConfigError`` naming them.
-        A prompt plus ``max_new_tokens`` beyond the text model's ``max_position_embeddings`` raises
-        `ov_jax.generation.BeyondMaxPositionsError` unless ``allow_beyond_max_positions``.
+        top-k → top-p) with a reproducible ``seed`` (row ``i`` draws from ``fold_in(key(seed), i)``). Arguments
+        left ``None`` take the engine's ``generation_config`` (`ov_jax.generation`); bad values raise
+        ``GenerationConfigError`` naming them. A prompt plus ``max_new_tokens`` beyond the text model's
+        ``max_position_embeddings`` raises `ov_jax.generation.BeyondMaxPositionsError` unless
+        ``allow_beyond_max_positions``. Each row is a request of a :class:`~ov_jax.engine.scheduler.Scheduler`
+        whose cache bucket fits the longest row; ``streamer`` receives one ``[B]`` array per step.
         """
         gen = self.generation_config.merged(max_new_tokens=max_new_tokens, do_sample=do_sample,
                                             temperature=temperature, top_k=top_k, top_p=top_p,
                                             eos_token_id=stop_token_ids, pad_token_id=pad_token_id)
-        if len(gen.eos_token_id) > MAX_STOP_IDS:
-            raise GenerationConfigError(f"at most {MAX_STOP_IDS} stop token ids are supported, "
-                                        f"got {len(gen.eos_token_id)}")
         new_tokens = gen.new_tokens(np.shape(input_ids)[-1])
-        req = self.prepare(input_ids, attention_mask, pixel_values, image_sizes, batch_num_images,
-                           pixel_values_videos, generation_config=gen)
-        check_max_positions(self.config.text, req.length, new_tokens, allow_beyond_max_positions)
-        b, t = req.batch, req.prompt_length
-        s = self.buckets.cache_bucket(t, new_tokens, req.length, req.media_tokens)
-        mode = SamplingMode.from_args(gen.do_sample, gen.top_k, gen.top_p)
-        rules = _rules(gen.eos_token_id, 0 if gen.pad_id is None else gen.pad_id, gen.temperature, gen.top_p, seed)
-
-        mask = jax.device_put(req.attention_mask)
-        rows = self._media_rows(req)
-        logits, prompt_kv = self._prefill(b, t)(self._prefill_params, req.input_ids, mask, rows, req.is_media)
-        del rows
-        cache, state = self._start(b, t, s, mode)(prompt_kv, logits, mask, rules)
-        del prompt_kv
+        settings = self.row_settings(gen, new_tokens)
+        rows = self.prepare(input_ids, attention_mask, pixel_values, image_sizes, batch_num_images,
+                            pixel_values_videos, generation_config=gen)
+        longest = max(rows, key=lambda r: r.prompt_length)
+        check_max_positions(self.config.text, max(r.length for r in rows), new_tokens, allow_beyond_max_positions)
+        s = self.buckets.cache_bucket(longest.prompt_length, new_tokens, longest.length, longest.media_tokens)
+        scheduler = self._generate_scheduler(s)
+        media = MediaJob(rows[0].tower_inputs, self.feature_cache) if len(rows[0].tower_inputs) else None
+        requests = [Request(row, settings, seed=seed, row_index=i, media=media) for i, row in enumerate(rows)]
+        for request in requests:
+            scheduler.submit(request)
         put, end = as_sink(streamer)
-        if self.loop == "device" and streamer is None:
-            tokens = self._run_device_loop(cache, state, rules, b, s, mode, new_tokens)
-        else:
-            tokens = self._run_python_loop(cache, state, rules, b, s, mode, new_tokens, req.rows, put)
-        end()
-        return tokens[:req.rows]
-
-    def _run_device_loop(self, cache, state, rules, b, s, mode, max_new_tokens) -> np.ndarray:
-        _, _, out = self._decode_loop(b, s, mode)(self._decode_params, self._layers, cache, state, rules,
-                                                  np.int32(max_new_tokens))
-        return sh.fetch(out)[:, :max_new_tokens]
-
-    def _run_python_loop(self, cache, state, rules, b, s, mode, max_new_tokens, rows, put) -> np.ndarray:
-        """Jitted step per token; the host reads step i while step i+1 runs, and stops when all rows are done."""
-        step = self._decode_step(b, s, mode) if max_new_tokens > 1 else None
-        out = np.full((b, max_new_tokens), int(rules.pad_id), np.int32)
-        pending = state
-        for i in range(max_new_tokens):
-            current = pending
-            if i + 1 < max_new_tokens:
-                cache, pending = step(self._decode_params, self._layers, cache, current, rules)
-            tokens, done = sh.fetch(current.tokens), sh.fetch(current.done)
-            out[:, i] = tokens
-            put(tokens[:rows])
-            if done.all():
+        pad = int(settings.pad_id[0])
+        sent = 0
+        while True:
+            busy = scheduler.work()
+            ready = min(new_tokens if r.finished else len(r.tokens) for r in requests)
+            ready = min(ready, max(len(r.tokens) for r in requests))
+            for i in range(sent, ready):
+                put(np.array([r.tokens[i] if i < len(r.tokens) else pad for r in requests], np.int32))
+            sent = max(sent, ready)
+            if all(r.finished for r in requests) or not busy:
                 break
+        end()
+        for r in requests:
+            if r.error is not None:
+                raise r.error
+        out = np.full((len(rows), new_tokens), pad, np.int32)
+        for i, r in enumerate(requests):
+            out[i, :len(r.tokens)] = r.tokens
         return out
+
+    def _generate_scheduler(self, s: int) -> "Scheduler":
+        """The scheduler ``generate`` uses for cache bucket ``s`` (one at a time: a new bucket replaces it)."""
+        if self._scheduler is None or self._scheduler.cache_length != s:
+            self._scheduler = None  # free the old cache first
+            self._scheduler = Scheduler(self, s)
+        return self._scheduler
 
     # --- warm-up -----------------------------------------------------------------------------------------
 
-    def warmup(self, batch_sizes: Sequence[int] | None = None, prompt_lengths: Sequence[int] | None = None,
-               max_new_tokens: int | None = None, sampling: Sequence[SamplingMode | str] = ("greedy",),
-               media: bool = True, streaming: bool = False, compilation_cache_dir: str | None = None,
-               progress: bool = True) -> list[CompileRecord]:
-        """Compile every executable a request inside the buckets can need; returns what was compiled.
+    def executable_jobs(self, prompt_lengths: Sequence[int] | None = None, max_new_tokens: int | None = None,
+                        media: bool = True, cache_lengths: Sequence[int] | None = None
+                        ) -> list[tuple[str, Callable]]:
+        """The executables requests inside these buckets can need, as ``(label, compile)`` pairs.
 
-        Defaults are the engine's buckets. ``max_new_tokens`` limits the cache buckets to the one each
-        prompt bucket needs for that many new tokens (default: every cache bucket that fits the prompt).
-        ``sampling`` lists modes (``"greedy"``, ``"sample"`` — sampling with the generation config's top-k
-        and top-p — or :class:`SamplingMode`); ``media=False``
-        skips the vision tower (text-only serving); ``streaming=True`` also compiles the per-token step
-        that streamed requests use with the device loop. ``compilation_cache_dir`` enables jax's persistent
-        cache first, so a restarted process loads executables instead of compiling them.
+        Per prompt bucket ``T``: media_start, media_add (with media), prefill, and insert into each cache
+        bucket it runs in; per cache bucket ``S``: decode and evict; plus the tower's encode. ``cache_lengths``
+        (the cache buckets to serve, e.g. a server's one) default to the bucket each ``T`` needs for
+        ``max_new_tokens`` (default: the generation config's, 20 when unset; the largest bucket holding ``T``
+        when none holds both): with the default buckets 1 + 4·17 + 2·15 = 99 executables.
         """
-        if compilation_cache_dir is not None:
-            enable_compilation_cache(compilation_cache_dir)
-        batch_sizes = tuple(batch_sizes or self.buckets.batch)
         prompt_lengths = tuple(prompt_lengths or self.buckets.prompt)
-        modes = [self._mode(m) for m in sampling]
+        if max_new_tokens is None:
+            max_new_tokens = self.generation_config.max_new_tokens or DEFAULT_NEW_TOKENS
 
         def caches(t: int) -> tuple[int, ...]:
-            if max_new_tokens is None:
-                return self.buckets.cache_lengths_for(t)
-            return (self.buckets.cache_bucket(t, max_new_tokens, t),)
+            if cache_lengths is not None:
+                return tuple(s for s in cache_lengths if s >= t + max_new_tokens - 1) or ()
+            fits = [s for s in self.buckets.cache_lengths_for(t) if s >= t + max_new_tokens - 1]
+            return (fits or self.buckets.cache_lengths_for(t)[-1:])[:1]
 
-        decoders = [self._decode_loop] if self.loop == "device" else []
-        decoders += [self._decode_step] if self.loop == "python" or streaming else []
         jobs: list[tuple[str, Callable]] = []
         if media:
             jobs.append((f"encode chunk={self.tower_chunk}", self._encode))
-        for b in batch_sizes:
-            for t in prompt_lengths:
-                jobs.append((f"media_start B={b} T={t}", functools.partial(self._media_start, b, t)))
-                if media:
-                    jobs.append((f"media_add B={b} T={t}", functools.partial(self._media_add, b, t)))
-                jobs.append((f"prefill B={b} T={t}", functools.partial(self._prefill, b, t)))
-                jobs += [(f"start B={b} T={t} S={s} {m.name}", functools.partial(self._start, b, t, s, m))
-                         for s in caches(t) for m in modes]
-            jobs += [(f"decode B={b} S={s} {m.name}", functools.partial(decode, b, s, m)) for decode in decoders
-                     for s in sorted({s for t in prompt_lengths for s in caches(t)}) for m in modes]
-        return self._run_jobs(jobs, progress)
+        for t in prompt_lengths:
+            if not caches(t):
+                continue
+            jobs.append((f"media_start T={t}", functools.partial(self._media_start, t)))
+            if media:
+                jobs.append((f"media_add T={t}", functools.partial(self._media_add, t)))
+            jobs.append((f"prefill T={t}", functools.partial(self._prefill, t)))
+            jobs += [(f"insert T={t} S={s}", functools.partial(self._insert, t, s)) for s in caches(t)]
+        for s in sorted({s for t in prompt_lengths for s in caches(t)}):
+            jobs += [(f"decode S={s}", functools.partial(self._decode, s)),
+                     (f"evict S={s}", functools.partial(self._evict, s))]
+        return jobs
 
-    def _mode(self, m: SamplingMode | str) -> SamplingMode:
-        if isinstance(m, SamplingMode):
-            return m
-        if m == "greedy":
-            return GREEDY
-        if m == "sample":
-            return SamplingMode.from_args(True, self.generation_config.top_k, self.generation_config.top_p)
-        raise ValueError(f"sampling mode must be 'greedy', 'sample' or a SamplingMode, got {m!r}")
+    def warmup(self, prompt_lengths: Sequence[int] | None = None, max_new_tokens: int | None = None,
+               media: bool = True, cache_lengths: Sequence[int] | None = None,
+               compilation_cache_dir: str | None = None, progress: bool = True) -> list[CompileRecord]:
+        """Compile every executable of :meth:`executable_jobs` not compiled yet; returns what was compiled.
+
+        Every sampling setting runs in the same executables (they are per-row data), and a request of any
+        number of rows up to the decode batch (``slots``) uses them. ``media=False`` skips the vision tower
+        (text-only serving). ``compilation_cache_dir`` enables jax's persistent cache first, so a restarted
+        process loads executables instead of compiling them.
+        """
+        if compilation_cache_dir is not None:
+            enable_compilation_cache(compilation_cache_dir)
+        return self._run_jobs(self.executable_jobs(prompt_lengths, max_new_tokens, media, cache_lengths), progress)
 
     def _run_jobs(self, jobs, progress: bool) -> list[CompileRecord]:
         from tqdm.auto import tqdm
@@ -422,19 +461,3 @@ def params_signature(params: dict) -> tuple:
 def _platform(params: dict) -> str:
     leaf = jax.tree.leaves(params)[0]
     return next(iter(leaf.devices())).platform if isinstance(leaf, jax.Array) else jax.default_backend()
-
-
-def _spec(shape, dtype) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
-
-
-def _rules_spec() -> TokenRules:
-    return TokenRules(_spec((MAX_STOP_IDS,), np.int32), _spec((), np.int32), _spec((), np.float32),
-                      _spec((), np.float32), _spec((), np.uint32))
-
-
-def _rules(stop_ids, pad_id, temperature, top_p, seed) -> TokenRules:
-    stops = np.full((MAX_STOP_IDS,), -1, np.int32)
-    stops[:len(stop_ids)] = stop_ids
-    return TokenRules(stops, np.int32(pad_id), np.float32(temperature), top_p_threshold(top_p),
-                      np.uint32(int(seed) % 2**32))

@@ -1,4 +1,4 @@
-"""Next-token choice with transformers' sampling semantics, as jit-friendly pure functions.
+"""Next-token choice with transformers' sampling semantics, as jit-friendly pure functions of per-row settings.
 
 Order and rules follow ``GenerationMixin._get_logits_processor`` for ``do_sample=True``: temperature
 (``logits / t``), then top-k (``TopKLogitsWarper``: drop every logit strictly below the k-th largest, so
@@ -7,50 +7,15 @@ cumulative probability is ``<= 1 - p``, always keep the most likely one; the kep
 one reaching ``p``, boundary token included). Filtered logits are ``-inf``. Greedy is ``argmax`` (first
 index on ties, as torch).
 
-What changes the compiled program (greedy or not, top-k value, top-p on or off) is a static
-:class:`SamplingMode`; temperature and the top-p value are traced scalars, so changing them never
-recompiles.
+Every setting (greedy or sampling, temperature, top-k, top-p, random key) is a ``[B]`` array, one value per
+row of the decode batch, so rows with different settings share one compiled program.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingMode:
-    """Static part of the sampling configuration (part of the compile key)."""
-
-    do_sample: bool = False
-    top_k: int = 0  # 0 = off
-    top_p: bool = False  # whether a top-p filter runs (its value is traced)
-
-    @classmethod
-    def from_args(cls, do_sample: bool, top_k: int, top_p: float) -> "SamplingMode":
-        if not do_sample:
-            return cls()
-        return cls(True, int(top_k), float(top_p) < 1.0)
-
-    @property
-    def name(self) -> str:
-        if not self.do_sample:
-            return "greedy"
-        parts = ["sample"] + ([f"top_k={self.top_k}"] if self.top_k else []) + (["top_p"] if self.top_p else [])
-        return "+".join(parts)
-
-
-GREEDY = SamplingMode()
-
-
-def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
-    """Keep logits ``>=`` the k-th largest per row (``TopKLogitsWarper``), the rest ``-inf``."""
-    k = min(int(k), logits.shape[-1])
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]
-    return jnp.where(logits < kth, -jnp.inf, logits)
 
 
 def top_p_threshold(top_p: float) -> np.float32:
@@ -58,38 +23,55 @@ def top_p_threshold(top_p: float) -> np.float32:
     return np.float32(1.0 - float(top_p))
 
 
-def top_p_filter(logits: jax.Array, threshold: jax.Array) -> jax.Array:
-    """Nucleus filter exactly as ``TopPLogitsWarper``: ascending sort, tokens with ``cumsum <= threshold``
-    removed (``threshold`` from :func:`top_p_threshold`), the most likely token always kept."""
+# --- per-row settings (the engine's decode state) -----------------------------------------------------------
+
+
+def filter_logits_rows(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p_threshold: jax.Array
+                       ) -> jax.Array:
+    """:func:`process_logits` of a sampling row with settings per row, in one executable.
+
+    ``logits [B, V]`` float32; ``temperature [B]`` float32 (> 0); ``top_k [B]`` int32 (0 = off);
+    ``top_p_threshold [B]`` float32 from :func:`top_p_threshold` (0 = top-p off). One ascending stable sort
+    serves both filters: top-k keeps values ``>=`` the k-th largest (ties kept), then top-p removes the sorted
+    prefix whose cumulative probability is ``<= threshold`` (most likely token kept) — the same values and the
+    same summation order as the warpers, so the result equals :func:`process_logits` bit for bit.
+    """
+    logits = logits.astype(jnp.float32) / temperature[:, None]
+    vocab = logits.shape[-1]
     order = jnp.argsort(logits, axis=-1)  # ascending, stable
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    remove_sorted = cumulative <= threshold
-    remove_sorted = remove_sorted.at[..., -1].set(False)  # min_tokens_to_keep = 1
+    ascending = jnp.take_along_axis(logits, order, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(ascending, (vocab - k)[:, None], axis=-1)
+    ascending = jnp.where(ascending < kth, -jnp.inf, ascending)
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    remove = (cumulative <= top_p_threshold[:, None]) & (top_p_threshold > 0)[:, None]
+    remove = remove.at[:, -1].set(False)  # min_tokens_to_keep = 1
+    ascending = jnp.where(remove, -jnp.inf, ascending)
     rows = jnp.arange(logits.shape[0])[:, None]
-    remove = jnp.zeros_like(remove_sorted).at[rows, order].set(remove_sorted)
-    return jnp.where(remove, -jnp.inf, logits)
+    return jnp.zeros_like(logits).at[rows, order].set(ascending)
 
 
-def process_logits(logits: jax.Array, mode: SamplingMode, temperature: jax.Array, top_p_threshold: jax.Array
-                   ) -> jax.Array:
-    """Temperature → top-k → top-p on float32 logits ``[B, V]`` (identity for greedy)."""
+def row_keys(seed: jax.Array, row: jax.Array) -> jax.Array:
+    """Raw key data ``[B, 2]`` uint32 of ``fold_in(key(seed), row)``: each request row its own stream."""
+    return jax.vmap(lambda s, r: jax.random.key_data(jax.random.fold_in(jax.random.key(s), r)))(seed, row)
+
+
+def choose_tokens_rows(logits: jax.Array, do_sample: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                       top_p_threshold: jax.Array, keys: jax.Array, step: jax.Array) -> jax.Array:
+    """Next token per row ``[B]`` int32 with per-row settings (see :func:`filter_logits_rows`).
+
+    Greedy rows take the first argmax; sampling rows draw with ``fold_in(keys[row], step[row])`` (``keys``
+    from :func:`row_keys`), so a row's tokens depend only on its own seed, row index and step — never on which
+    slot or batch it runs in. The sort runs only when some row samples.
+    """
     logits = logits.astype(jnp.float32)
-    if not mode.do_sample:
-        return logits
-    logits = logits / temperature
-    if mode.top_k:
-        logits = top_k_filter(logits, mode.top_k)
-    if mode.top_p:
-        logits = top_p_filter(logits, top_p_threshold)
-    return logits
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
+    def sampled():
+        filtered = filter_logits_rows(logits, jnp.where(do_sample, temperature, 1.0), top_k, top_p_threshold)
+        draw = jax.vmap(lambda kd, s, row: jax.random.categorical(
+            jax.random.fold_in(jax.random.wrap_key_data(kd), s), row))
+        return draw(keys, step, filtered).astype(jnp.int32)
 
-def choose_tokens(logits: jax.Array, mode: SamplingMode, temperature: jax.Array, top_p_threshold: jax.Array,
-                  seed: jax.Array, step: jax.Array) -> jax.Array:
-    """Next token per row ``[B]`` (int32). The random key is ``fold_in(key(seed), step)``: reproducible."""
-    if not mode.do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    key = jax.random.fold_in(jax.random.key(seed), step)
-    filtered = process_logits(logits, mode, temperature, top_p_threshold)
-    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+    drawn = jax.lax.cond(jnp.any(do_sample), sampled, lambda: greedy)
+    return jnp.where(do_sample, drawn, greedy)

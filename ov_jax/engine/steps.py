@@ -18,43 +18,17 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ov_jax.config import OneVisionConfig
-from ov_jax.engine.sampling import SamplingMode, choose_tokens
 from ov_jax.media_plan import NEWLINE_ROW
 from ov_jax.modeling import llava, qwen2
 from ov_jax.modeling.layers import NEG_INF, apply_rope, attention, rms_norm, rope_tables
 
 LAYOUTS = ("unrolled", "scanned")
-
-
-class DecodeState(NamedTuple):
-    """Per-batch decode state; every leaf has a bucket shape."""
-
-    tokens: jax.Array  # [B] int32: the last emitted token (pad for finished rows)
-    positions: jax.Array  # [B] int32: RoPE position of ``tokens`` when fed back
-    key_valid: jax.Array  # [B, S] bool: cache slots a query may attend to
-    done: jax.Array  # [B] bool: row has emitted a stop token (or is batch padding)
-    write_index: jax.Array  # [] int32: cache slot of the next fed token
-    step: jax.Array  # [] int32: index of ``tokens`` among the new tokens
-
-
-class TokenRules(NamedTuple):
-    """Traced generation settings (changing them never recompiles)."""
-
-    stop_ids: jax.Array  # [MAX_STOP_IDS] int32, -1 = unused
-    pad_id: jax.Array  # [] int32
-    temperature: jax.Array  # [] float32
-    top_p_threshold: jax.Array  # [] float32: 1 - top_p as torch rounds it
-    seed: jax.Array  # [] uint32
-
-
-MAX_STOP_IDS = 16
 
 
 # --- params in serving layout ------------------------------------------------------------------------------
@@ -161,40 +135,6 @@ def prefill(params: dict, input_ids: jax.Array, attention_mask: jax.Array, media
     return qwen2.lm_logits(text, hidden[:, -1:])[:, 0], cache
 
 
-def start_decode(prompt_kv: qwen2.KVCache, logits: jax.Array, attention_mask: jax.Array, rules: TokenRules,
-                 mode: SamplingMode, cache_length: int, layout: str) -> tuple[Any, DecodeState]:
-    """Choose the first token and move the prompt's KV into a ``cache_length`` cache of ``layout``."""
-    b, t = attention_mask.shape
-    pad = cache_length - t
-    if layout == "scanned":
-        widths = ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))
-        cache = qwen2.KVCache(jnp.pad(prompt_kv.k, widths), jnp.pad(prompt_kv.v, widths))
-    else:
-        def per_layer(x):  # [L, B, T, nkv, hd] -> L x [B, nkv, S, hd]
-            x = jnp.pad(x.transpose(0, 1, 3, 2, 4), ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
-            return tuple(x[i] for i in range(x.shape[0]))
-
-        cache = qwen2.KVCache(per_layer(prompt_kv.k), per_layer(prompt_kv.v))
-    row_valid = attention_mask.any(axis=-1)
-    state = DecodeState(
-        tokens=jnp.zeros((b,), jnp.int32),
-        positions=attention_mask.sum(axis=-1).astype(jnp.int32),
-        key_valid=jnp.pad(attention_mask, ((0, 0), (0, pad))),
-        done=~row_valid,
-        write_index=jnp.int32(t),
-        step=jnp.int32(0),
-    )
-    return cache, _emit(state, logits, rules, mode)
-
-
-def _emit(state: DecodeState, logits: jax.Array, rules: TokenRules, mode: SamplingMode) -> DecodeState:
-    """Choose this step's tokens; finished rows emit pad; a stop token finishes its row (and is kept)."""
-    chosen = choose_tokens(logits, mode, rules.temperature, rules.top_p_threshold, rules.seed, state.step)
-    tokens = jnp.where(state.done, rules.pad_id, chosen)
-    stopped = (chosen[:, None] == rules.stop_ids[None, :]).any(axis=-1)
-    return state._replace(tokens=tokens, done=state.done | stopped)
-
-
 # --- decode ------------------------------------------------------------------------------------------------
 
 
@@ -229,7 +169,8 @@ def _project(weight: jax.Array, x: jax.Array, out_dtype=None) -> jax.Array:
 
 def _decode_unrolled(layers: list[dict], cache: qwen2.KVCache, x: jax.Array, cos, sin, key_valid: jax.Array,
                      write_index: jax.Array, config) -> tuple[jax.Array, qwen2.KVCache]:
-    """All decoder layers for one token per row on :func:`serving_layers` weights.
+    """All decoder layers for one token per row on :func:`serving_layers` weights; row ``i`` writes its
+    key/value at cache slot ``write_index[i]``.
 
     Activations are feature-major, ``x [H, B]``, so every weight product is ``W @ x`` with no transpose of
     its output (layout assignment would fold one back into the product and undo the faster form)."""
@@ -243,9 +184,9 @@ def _decode_unrolled(layers: list[dict], cache: qwen2.KVCache, x: jax.Array, cos
                    for part in jnp.split(qkv, [nh * hd, (nh + nkv) * hd], axis=0))
         q = apply_rope(q[:, None], cos, sin)
         k = apply_rope(k[:, None], cos, sin)
-        slot = (0, 0, write_index, 0)
-        ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), slot)
-        cv = jax.lax.dynamic_update_slice(cv, v[:, :, None].astype(cv.dtype), slot)
+        rows = jnp.arange(b)
+        ck = ck.at[rows, :, write_index].set(k[:, 0].astype(ck.dtype))
+        cv = cv.at[rows, :, write_index].set(v.astype(cv.dtype))
         attended = _decode_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), key_valid)
         x = x + _project(lp["o"]["weight"], attended.reshape(b, nh * hd).T)
         h = rms_norm(x, lp["post_norm"], eps, axis=0)
@@ -254,47 +195,3 @@ def _decode_unrolled(layers: list[dict], cache: qwen2.KVCache, x: jax.Array, cos
         new_k.append(ck)
         new_v.append(cv)
     return x, qwen2.KVCache(tuple(new_k), tuple(new_v))
-
-
-def decode_step(params: dict, layers: list[dict] | None, cache: Any, state: DecodeState, rules: TokenRules,
-                mode: SamplingMode, config: OneVisionConfig, dtype) -> tuple[Any, DecodeState]:
-    """Feed ``state.tokens`` (one per row), write their KV at ``write_index``, emit the next tokens."""
-    text = params["text"]
-    w = state.write_index
-    key_valid = jax.lax.dynamic_update_slice(state.key_valid, jnp.ones((state.tokens.shape[0], 1), bool), (0, w))
-    x = qwen2.embed_tokens(text, state.tokens[:, None], dtype)
-    if layers is None:
-        hidden, cache = qwen2.decoder(text, x, state.positions[:, None], key_valid, config.text, cache, w)
-        logits = qwen2.lm_logits(text, hidden)[:, 0]
-    else:
-        cos, sin = rope_tables(state.positions[:, None], config.text.head_dim, config.text.rope_theta, dtype)
-        hidden, cache = _decode_unrolled(layers, cache, x[:, 0].T, cos, sin, key_valid, w, config.text)
-        hidden = rms_norm(hidden, text["norm"], config.text.rms_norm_eps, axis=0)
-        # the barrier keeps the [V, B] product in its fast form; the transpose after it is a small copy
-        logits = jax.lax.optimization_barrier(_project(text["lm_head_t"], hidden, jnp.float32)).T
-    state = state._replace(key_valid=key_valid, positions=state.positions + 1, write_index=w + 1,
-                           step=state.step + 1)
-    return cache, _emit(state, logits, rules, mode)
-
-
-def decode_loop(params: dict, layers: list[dict] | None, cache: Any, state: DecodeState, rules: TokenRules,
-                max_new_tokens: jax.Array, mode: SamplingMode, config: OneVisionConfig, dtype
-                ) -> tuple[Any, DecodeState, jax.Array]:
-    """Decode on device (``lax.while_loop``) until every row is done or ``max_new_tokens`` tokens exist.
-
-    Returns the cache, the final state and the new tokens ``[B, S]`` (columns past the last step = pad).
-    """
-    b, s = state.key_valid.shape
-    out = jnp.full((b, s), rules.pad_id, jnp.int32).at[:, 0].set(state.tokens)
-
-    def cond(carry):
-        _, st, _ = carry
-        return (st.step + 1 < max_new_tokens) & ~jnp.all(st.done)
-
-    def body(carry):
-        cache, st, out = carry
-        cache, st = decode_step(params, layers, cache, st, rules, mode, config, dtype)
-        out = jax.lax.dynamic_update_slice(out, st.tokens[:, None], (0, st.step))
-        return cache, st, out
-
-    return jax.lax.while_loop(cond, body, (cache, state, out))

@@ -35,6 +35,16 @@ def attention_mask(key_valid: jax.Array, query_slots: jax.Array, key_slots: jax.
     return causal & key_valid[:, None, :]
 
 
+def write_kv(cache: jax.Array, new: jax.Array, write_index: jax.Array | int) -> jax.Array:
+    """``new [B, T, nkv, hd]`` into ``cache [B, S, nkv, hd]`` at slots ``write_index …`` (a scalar, or ``[B]``
+    per row)."""
+    new = new.astype(cache.dtype)
+    if jnp.ndim(write_index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, write_index, axis=1)
+    slots = write_index[:, None] + jnp.arange(new.shape[1])
+    return cache.at[jnp.arange(cache.shape[0])[:, None], slots].set(new)
+
+
 def decoder_layer(x, lp, cos, sin, mask, config: TextConfig, cache_kv=None, write_index=None,
                   attend: Callable = attention):
     h = rms_norm(x, lp["input_norm"], config.rms_norm_eps)
@@ -43,8 +53,7 @@ def decoder_layer(x, lp, cos, sin, mask, config: TextConfig, cache_kv=None, writ
     v = project_heads(h, lp["v"])
     if cache_kv is not None:
         ck, cv = cache_kv
-        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), write_index, axis=1)
-        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), write_index, axis=1)
+        ck, cv = write_kv(ck, k, write_index), write_kv(cv, v, write_index)
         k, v, cache_kv = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv)
     x = x + merge_heads(attend(q, k, v, mask), lp["o"])
     h = rms_norm(x, lp["post_norm"], config.rms_norm_eps)
@@ -66,13 +75,14 @@ def decoder(
 
     ``x [B, T, H]`` embeddings, ``positions [B, T]`` RoPE positions. Without a cache ``key_valid``
     is ``[B, T]``; with a cache it is ``[B, S]`` over cache slots (already marking the T new slots),
-    and the new keys/values are written at slots ``write_index … write_index + T - 1``.
+    and the new keys/values are written at slots ``write_index … write_index + T - 1`` (``write_index``: a
+    scalar, or ``[B]`` for a write slot per row).
     ``attend`` replaces ``layers.attention`` (same signature), e.g. a blocked causal variant for long prompts.
     Returns the normalised hidden states and the updated cache.
     """
     t = x.shape[1]
     cos, sin = rope_tables(positions, config.head_dim, config.rope_theta, x.dtype)
-    query_slots = write_index + jnp.arange(t)
+    query_slots = jnp.asarray(write_index)[..., None] + jnp.arange(t)
     key_slots = jnp.arange(key_valid.shape[1])
     mask = attention_mask(key_valid, jnp.broadcast_to(query_slots, (x.shape[0], t)), key_slots)
 
