@@ -409,12 +409,65 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
         add_batch_arguments(batch)
 
+    srv = commands.add_parser("serve", help="an OpenAI-compatible chat server with continuous batching",
+                              description="Serve POST /v1/chat/completions (text, image_url, video_url, streaming), "
+                                          "GET /v1/models, /health and /metrics on FastAPI + uvicorn.")
+    srv.add_argument("--model", required=True, help="checkpoint directory, converted directory or hub id")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--max-batch-size", type=_positive, default=8, help="rows decoded together (default 8)")
+    srv.add_argument("--max-queue", type=_positive, default=64,
+                     help="requests waiting beyond the running ones; more are answered 429 (default 64)")
+    srv.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
+    srv.add_argument("--mesh", help="device mesh, e.g. data=2,tensor=4, a preset name or a mesh .json file")
+    srv.add_argument("--cache-length", type=_positive, default=4096,
+                     help="KV slots per row: prompt (padded to its bucket) + answer must fit (default 4096)")
+    srv.add_argument("--prompt-buckets", type=_bucket_list, default=(64, 128, 256, 512, 1024, 2048, 3072),
+                     help="comma-separated prompt lengths compiled for (those up to --cache-length are used)")
+    srv.add_argument("--decode-steps", type=_positive, default=8,
+                     help="decode steps per device call: where rows join and leave (default 8)")
+    srv.add_argument("--feature-cache-mb", type=int, default=256,
+                     help="vision-feature cache size in MiB (0 = off; default 256)")
+    srv.add_argument("--allow-local-media", action="store_true",
+                     help="accept local file paths as image_url / video_url (off: only http(s) and data URIs)")
+    srv.add_argument("--no-warmup", dest="warmup", action="store_false",
+                     help="compile on first use instead of before serving")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="seconds running requests may finish after SIGINT/SIGTERM before they are cancelled")
+    srv.add_argument("--served-model-name", help="the model id clients use (default: the --model folder's name)")
+
     bench = commands.add_parser("bench", help="run the engine benchmarks (source checkout only)",
                                 description="Run a script from the repository's benchmarks/ folder with this Python; "
                                             "further arguments are passed to it (e.g. ov-jax bench -- --help).")
     bench.add_argument("--script", default="bench_engine.py",
                        help="benchmark script in benchmarks/ (default bench_engine.py: the engine vs transformers)")
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _bucket_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(_positive(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text!r}") from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from ov_jax.serve.app import ServeOptions, serve
+
+    serve(ServeOptions(model=args.model, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                       max_queue=args.max_queue, dtype=args.dtype, mesh=args.mesh, cache_length=args.cache_length,
+                       prompt_buckets=args.prompt_buckets, decode_steps=args.decode_steps,
+                       feature_cache_mb=args.feature_cache_mb, allow_local_media=args.allow_local_media,
+                       warmup=args.warmup, shutdown_timeout=args.shutdown_timeout,
+                       served_name=args.served_model_name))
+    return EXIT_OK
 
 
 def _one_line(err: BaseException) -> str:
@@ -431,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra[:1] == ["--"]:
         extra = extra[1:]
     runners = {"make-tiny": run_make_tiny, "convert": run_convert, "generate": run_generate, "compare": run_compare,
-               "batch": run_batch}
+               "batch": run_batch, "serve": run_serve}
     try:
         if args.command == "bench":
             return run_bench(args, extra)
