@@ -35,12 +35,13 @@ from ov_jax.config import OneVisionConfig, load_config
 from ov_jax.hub import resolve_checkpoint
 from ov_jax.loading import (CheckpointError, flat_shardings, plan_checkpoint, read_leaf, resolve_load_dtype,
                             set_path)
+from ov_jax.outputs import MARKER
 from ov_jax.params import Params, is_spec, param_specs
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ckpt", ".gguf")
-_NOT_COPIED = {CONFIG_FILE, "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+_NOT_COPIED = {CONFIG_FILE, "model.safetensors.index.json", "pytorch_model.bin.index.json", MARKER}
 _TMP_MARK = ".ov_jax-tmp-"
 
 

@@ -108,19 +108,20 @@ class LlavaOnevision:
         return model
 
     def save_pretrained(self, directory: str | os.PathLike, *, dtype: Any = None,
-                        max_shard_size: int | str = "50GB") -> os.PathLike:
+                        max_shard_size: int | str = "50GB", overwrite: bool = False) -> os.PathLike:
         """Write a transformers checkpoint (llava-hf layout) that ``LlavaOnevisionForConditionalGeneration``
         and ``AutoProcessor.from_pretrained`` load; see :func:`ov_jax.export.save_pretrained`.
 
         Tokenizer, processor and chat template files are copied from :attr:`source_dir` when the model came
         from :meth:`from_pretrained`. ``dtype`` casts the written weights (default: the params' dtype);
         ``max_shard_size`` (bytes or "5GB") splits larger models into indexed shards. ``directory`` must be
-        new or empty (``FileExistsError``). Returns the absolute output directory.
+        new, empty, or an earlier export to replace with ``overwrite`` (never the source; ``OSError``
+        otherwise). Returns the absolute output directory.
         """
         from ov_jax import export
 
         return export.save_pretrained(self.config, self.params, directory, source=self.source_dir, dtype=dtype,
-                                      max_shard_size=max_shard_size)
+                                      max_shard_size=max_shard_size, overwrite=overwrite)
 
     @functools.cached_property
     def module(self) -> LlavaOnevisionModule:

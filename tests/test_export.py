@@ -18,6 +18,7 @@ from ov_jax.config import load_config
 from ov_jax.export import hf_state_dict, save_pretrained
 from ov_jax.loading import canonical_key, checkpoint_keys, load_params, saved_key
 from ov_jax.model import LlavaOnevision
+from ov_jax.outputs import MARKER, OutputPathError
 from ov_jax.params import random_params
 from ov_jax.presets import TINY
 from ov_jax.tiny import random_params as tiny_params
@@ -220,7 +221,8 @@ def test_from_params_export_has_a_derived_generation_config(tmp_path):
     config = TINY.replace(text=dataclasses.replace(TINY.text, pad_token_id=0))
     model = LlavaOnevision.from_params(config, random_params(config, seed=1))
     out = model.save_pretrained(tmp_path / "out")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "config.json", "generation_config.json",
+                                                     "model.safetensors"]
     generation = transformers.GenerationConfig.from_pretrained(out)
     t = config.text
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (
@@ -231,23 +233,31 @@ def test_from_params_export_has_a_derived_generation_config(tmp_path):
     assert np.abs(np.asarray(model(ids).logits) - theirs).max() <= TOL
 
 
-def test_output_directory_must_be_new_or_empty(tiny_ckpt, tmp_path):
+def test_output_directory_is_new_empty_or_an_earlier_export(tiny_ckpt, tmp_path):
     model = LlavaOnevision.from_pretrained(tiny_ckpt)
     before = {p.name: p.read_bytes() for p in tiny_ckpt.iterdir()}
-    with pytest.raises(FileExistsError, match="loaded from"):
-        model.save_pretrained(tiny_ckpt)
+    with pytest.raises(OutputPathError, match="source"):
+        model.save_pretrained(tiny_ckpt, overwrite=True)
+    with pytest.raises(OutputPathError, match="source"):
+        model.save_pretrained(tiny_ckpt.parent, overwrite=True)
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not empty"):
-        model.save_pretrained(occupied)
+    with pytest.raises(OutputPathError, match="other files"):
+        model.save_pretrained(occupied, overwrite=True)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(FileExistsError, match="not a directory"):
-        model.save_pretrained(tmp_path / "file")
+    with pytest.raises(OutputPathError, match="existing file"):
+        model.save_pretrained(tmp_path / "file", overwrite=True)
     assert [p.name for p in occupied.iterdir()] == ["notes.txt"] and (occupied / "notes.txt").read_text() == "keep me"
     assert {p.name: p.read_bytes() for p in tiny_ckpt.iterdir()} == before
     (tmp_path / "empty").mkdir()
-    assert (model.save_pretrained(tmp_path / "empty") / "model.safetensors").is_file()
+    out = model.save_pretrained(tmp_path / "empty")
+    assert out == (tmp_path / "empty").resolve() and (out / "model.safetensors").is_file()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        model.save_pretrained(out)
+    (out / "model.safetensors").write_bytes(b"stale")
+    model.save_pretrained(out, overwrite=True)  # an earlier export is replaced whole
+    assert _tensors(out).keys() == _tensors(tiny_ckpt).keys()
 
 
 def test_bad_params_write_nothing(tmp_path):
