@@ -54,8 +54,10 @@ def _is_converted(path: os.PathLike) -> bool:
     """A directory written by ``ov-jax convert`` (its config.json carries our own ``ov_jax`` section)."""
     import json
 
+    from ov_jax.hub import checkpoint_file
+
     try:
-        with open(os.path.join(path, "config.json")) as f:
+        with open(checkpoint_file(path, "config.json")) as f:
             return "ov_jax" in json.load(f)
     except (OSError, ValueError):
         return False
@@ -79,11 +81,13 @@ class LlavaOnevision:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, dtype: Any = jnp.float32, mesh: Any = None,
-                        **kwargs) -> "LlavaOnevision":
+                        verify: bool = True, **kwargs) -> "LlavaOnevision":
         """Load a transformers checkpoint directory, a converted orbax directory, or a hub id.
 
         ``mesh``: a ``jax.sharding.Mesh`` with axes data / fsdp / tensor, a string such as ``"data=2,tensor=4"``
         or a preset name (`ov_jax.sharding`); each device then reads only its own slices of the weights.
+        ``verify``: check a converted directory against its checksums (`ov_jax.checkpoint.load_orbax`);
+        ``False`` skips that for speed.
         """
         from ov_jax import loading
         from ov_jax.hub import resolve_checkpoint
@@ -100,7 +104,7 @@ class LlavaOnevision:
         if _is_converted(path):
             from ov_jax import checkpoint
 
-            config, params = checkpoint.load_orbax(path, dtype=dtype, **kwargs)
+            config, params = checkpoint.load_orbax(path, dtype=dtype, verify=verify, **kwargs)
         else:
             config, params = loading.load_params(path, dtype=dtype, **kwargs)
         model = cls(config, params, dtype)
