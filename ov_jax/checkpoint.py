@@ -32,6 +32,7 @@ import resource
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -54,6 +55,7 @@ OUTPUT_KIND = "convert"  # the outputs marker kind of every converted directory 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ckpt", ".gguf")
 _NOT_COPIED = {CONFIG_FILE, CHECKSUMS_FILE, MARKER, "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 _CHUNK = 1 << 24
+_HASH_THREADS = min(8, os.cpu_count() or 1)
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -97,7 +99,8 @@ def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
     """True for a directory written by :func:`convert` / :func:`save_orbax`."""
     path = Path(path)
     try:
-        return (path / PARAMS_DIR).is_dir() and "ov_jax" in json.loads(checkpoint_file(path, CONFIG_FILE).read_text())
+        config = json.loads(checkpoint_file(path, CONFIG_FILE).read_text())
+        return (path / PARAMS_DIR).is_dir() and isinstance(config, dict) and "ov_jax" in config
     except (OSError, ValueError):
         return False
 
@@ -140,9 +143,9 @@ def _writing(dst: str | os.PathLike) -> Iterator[None]:
     try:
         with _quiet_orbax():
             yield
-    except (CheckpointError, KeyboardInterrupt):
+    except CheckpointError:
         raise
-    except Exception as err:
+    except (OSError, ValueError, RuntimeError) as err:  # orbax reports TensorStore write failures as ValueError
         raise CheckpointWriteError(f"cannot write {Path(dst).absolute()}: {_short_reason(err)}; nothing was "
                                    "written") from err
 
@@ -160,7 +163,8 @@ def _array_record(array: Any) -> dict[str, Any] | None:
     if isinstance(array, jax.Array) and not array.is_fully_addressable:
         return None
     host = np.ascontiguousarray(np.asarray(array))
-    return {"dtype": host.dtype.name, "shape": list(host.shape), "sha256": hashlib.sha256(host.reshape(-1).view(np.uint8)).hexdigest()}
+    digest = hashlib.sha256(host.reshape(-1).view(np.uint8)).hexdigest()
+    return {"dtype": host.dtype.name, "shape": list(host.shape), "sha256": digest}
 
 
 def _write_checksums(directory: Path, arrays: dict[str, Any]) -> None:
@@ -223,7 +227,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, *
     stored = store or np.result_type(*(leaf.file_dtype for leaf in plan.leaves.values()))
     with atomic_output_dir(dst, kind=OUTPUT_KIND, overwrite=overwrite, sources=[source]) as tmp, _writing(dst):
         with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, unit_divisor=1024,
-                  desc=f"converting {source.name}", disable=not progress) as bar:
+                  desc=f"converting {source.name}", disable=not progress, leave=False) as bar:
             def leaves():
                 for path, leaf in plan.leaves.items():
                     bar.set_postfix_str(".".join(path), refresh=False)
@@ -300,6 +304,7 @@ def verify_files(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path).absolute()
     checksums = _read_checksums(path)
+    files = {}
     for name, want in sorted(checksums["files"].items()):
         file = checkpoint_file(path, name)
         if not file.is_file():
@@ -307,7 +312,11 @@ def verify_files(path: str | os.PathLike) -> dict[str, Any]:
         size = file.stat().st_size
         if size != want.get("size"):
             raise _damaged(path, f"{name} has {size} bytes, {want.get('size')} were written")
-        if _sha256_file(file) != want.get("sha256"):
+        files[name] = file
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:  # hashlib releases the GIL: one file per core
+        digests = dict(zip(files, pool.map(_sha256_file, files.values())))
+    for name, digest in digests.items():
+        if digest != checksums["files"][name].get("sha256"):
             raise _damaged(path, f"{name} does not match its sha256 checksum")
     return checksums
 
@@ -319,12 +328,13 @@ def _lossless(stored: str, loaded: np.dtype) -> bool:
 
 
 def _verify_arrays(path: Path, params: Params, checksums: dict[str, Any]) -> None:
+    """One leaf at a time (a host copy of at most one leaf exists at once)."""
     for leaf_path, array in _params_leaves(params):
         name = ".".join(leaf_path)
         want = checksums["arrays"].get(name)
         if want is None or not _lossless(want.get("dtype"), np.dtype(array.dtype)):
             continue
-        if _array_record(np.asarray(array).astype(LOAD_DTYPES[want["dtype"]])) != want:
+        if _array_record(np.asarray(array).astype(LOAD_DTYPES[want["dtype"]], copy=False)) != want:
             raise _damaged(path, f"array {name} does not match its sha256 checksum")
 
 

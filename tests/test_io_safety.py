@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
@@ -195,6 +194,7 @@ DAMAGE = {
     "truncated chunk": (lambda d: truncate(largest_chunk(d)), "bytes, .* were written"),
     "missing chunk": (lambda d: largest_chunk(d).unlink(), "is missing"),
     "damaged metadata": (lambda d: damage_metadata(d / "params" / "state" / "_METADATA"), "params/state/_METADATA"),
+    "damaged index": (lambda d: flip(d / "params" / "state" / "manifest.ocdbt"), "params/state/manifest.ocdbt"),
 }
 
 
@@ -210,10 +210,11 @@ def test_damaged_converted_checkpoints_are_one_clear_error(converted, tiny_ckpt,
     assert len(str(caught.value)) < 400 and isinstance(caught.value, ValueError)
 
 
-@pytest.mark.parametrize("damage", ["truncated chunk", "missing chunk", "damaged metadata"])
+@pytest.mark.parametrize("damage", ["truncated chunk", "missing chunk", "damaged metadata", "damaged index"])
 def test_without_verification_orbax_failures_are_still_short(converted, damage):
     DAMAGE[damage][0](converted)
-    with pytest.raises(CorruptCheckpointError, match="orbax cannot read its (arrays|metadata)|params/ does not match its config") as caught:
+    match = "orbax cannot read its (arrays|metadata)|params/ does not match its config"
+    with pytest.raises(CorruptCheckpointError, match=match) as caught:
         load_orbax(converted, verify=False)
     assert len(str(caught.value)) < 600
 
