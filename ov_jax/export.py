@@ -29,9 +29,8 @@ from safetensors.numpy import save_file
 from ov_jax.checkpoint import copy_model_files
 from ov_jax.config import OneVisionConfig
 from ov_jax.loading import SAFETENSORS_INDEX, checkpoint_keys, resolve_load_dtype, saved_key
-from ov_jax.modeling.nnx_modules import check_tree
 from ov_jax.outputs import atomic_output_dir
-from ov_jax.params import Params
+from ov_jax.params import Params, check_tree
 from ov_jax.presets import to_hf_dict
 
 CONFIG_FILE = "config.json"
