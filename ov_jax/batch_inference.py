@@ -242,7 +242,10 @@ def run_batch_inference(requests: str | os.PathLike | Iterable[Record], results_
 
 def request_conversation(record: Record, media_root: str | os.PathLike | None = None) -> list[Record]:
     """The chat conversation of a request: its ``messages``, or one user turn built from ``prompt``,
-    ``images`` / ``image`` and ``videos`` / ``video`` (relative paths resolve against ``media_root``)."""
+    ``images`` / ``image`` and ``videos`` / ``video`` (relative paths resolve against ``media_root``; URLs and
+    base64 images are kept as they are, for the processor's image loader)."""
+    from ov_jax.processing.media import resolve_image_source
+
     if "messages" in record:
         return record["messages"]
     if not isinstance(record.get("prompt"), str):
@@ -251,9 +254,7 @@ def request_conversation(record: Record, media_root: str | os.PathLike | None = 
     def paths(plural: str, singular: str) -> list[str]:
         value = record.get(plural, record.get(singular, []))
         items = [value] if isinstance(value, str) else list(value)
-        if media_root is None:
-            return [str(p) for p in items]
-        return [p if "://" in str(p) else str(pathlib.Path(media_root) / p) for p in items]
+        return [resolve_image_source(str(p), media_root) for p in items]
 
     content = [{"type": "image", "path": p} for p in paths("images", "image")]
     content += [{"type": "video", "path": p} for p in paths("videos", "video")]
@@ -264,7 +265,14 @@ def request_conversation(record: Record, media_root: str | os.PathLike | None = 
 def make_generate_fn(model: Any, processor: Any, *, max_new_tokens: int = 128, num_frames: int | None = None,
                      media_root: str | os.PathLike | None = None, **generate_kwargs: Any) -> InferFn:
     """``infer(records)`` that renders the chat template, runs ``model.generate`` on the whole batch and
-    decodes the new tokens. A request's own ``max_new_tokens`` caps its answer (the batch runs to the largest)."""
+    decodes the new tokens. A request's own ``max_new_tokens`` caps its answer (the batch runs to the largest).
+
+    Stop / pad ids and the sampling values not in ``generate_kwargs`` come from ``model.generation_config``
+    (`ov_jax.generation`); a bad value in ``generate_kwargs`` raises here, before any request runs.
+    """
+    from ov_jax.generation import generation_overrides
+
+    model.generation_config.merged(max_new_tokens=max_new_tokens, **generation_overrides(generate_kwargs))
 
     def infer(records: list[Record]) -> list[str]:
         conversations = [request_conversation(r, media_root) for r in records]

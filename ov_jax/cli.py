@@ -48,34 +48,20 @@ def check_file(path: str, what: str) -> str:
     return path
 
 
-def load_images(paths: Sequence[str]) -> list:
-    """Open every image fully now (RGB), so an unreadable file fails before any model is loaded."""
-    from PIL import Image, UnidentifiedImageError
+def load_images(sources: Sequence[str]) -> list:
+    """Load every image now (paths, http(s) URLs or base64, as the processor reads them), so a bad one fails
+    before any model is loaded."""
+    from ov_jax.processing.media import load_image
 
-    images = []
-    for path in paths:
-        check_file(path, "image")
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise UsageError(f"cannot read image {path!r}: {err}") from None
-    return images
+    return [load_image(source) for source in sources]
 
 
 def check_video(path: str) -> str:
     """``path`` if PyAV can open it as a video: a broken file fails here, in one line, before the decoders
     (which print their own native errors) ever see it."""
-    import av
+    from ov_jax.processing.video import check_video_file
 
-    check_file(path, "video")
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise UsageError(f"{path!r} has no video stream")
-    except av.FFmpegError as err:
-        raise UsageError(f"cannot read video {path!r}: {err}") from None
-    return path
+    return check_video_file(path)
 
 
 def conversation(prompt: str, images: Sequence[Any] = (), video: str | None = None) -> list[dict]:
@@ -85,22 +71,6 @@ def conversation(prompt: str, images: Sequence[Any] = (), video: str | None = No
         content.append({"type": "video", "video": video})
     content.append({"type": "text", "text": prompt})
     return [{"role": "user", "content": content}]
-
-
-def stop_and_pad_ids(model_dir: pathlib.Path, config) -> tuple[list[int], int]:
-    """Stop ids and pad id as transformers' ``generate`` takes them: generation_config.json, then the config."""
-    import json
-
-    generation = {}
-    try:
-        generation = json.loads((model_dir / "generation_config.json").read_text())
-    except (OSError, ValueError):
-        pass
-    eos = generation.get("eos_token_id", config.text.eos_token_id)
-    stops = [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None]
-    pad = generation.get("pad_token_id", config.text.pad_token_id)
-    pad = pad[0] if isinstance(pad, (list, tuple)) else pad
-    return stops, int(stops[0] if pad is None else pad)
 
 
 # ----------------------------------------------------------------------------------------- make-tiny
@@ -197,21 +167,32 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_frames < 1:
         raise UsageError(f"--num-frames must be >= 1, got {args.num_frames}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    sampling_only = [flag for flag, value, default in (("--top-p", args.top_p, 1.0), ("--top-k", args.top_k, 0))
-                     if value != default]
-    if sampling_only and args.temperature == 0:
-        raise UsageError(f"{' and '.join(sampling_only)} only filter sampled tokens: add --temperature T (T > 0) "
-                         "to sample")
-    if not 0.0 < args.top_p <= 1.0:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    from ov_jax.generation import GenerationConfig
+
+    overrides = sampling_overrides(args)
+    GenerationConfig().merged(**overrides)  # a bad value is named before anything loads
+    _check_filters_apply(args, overrides["do_sample"])
     if args.video is not None:
         check_video(args.video)
     if not args.prompt.strip():
         raise UsageError("--prompt is empty")
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``generate`` keywords from the sampling flags; unset flags stay ``None`` (the checkpoint's defaults).
+    ``--temperature 0`` means greedy, a positive temperature samples with it."""
+    greedy = args.temperature == 0
+    return {"do_sample": None if args.temperature is None else not greedy,
+            "temperature": None if greedy else args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+
+
+def _check_filters_apply(args: argparse.Namespace, do_sample: bool | None) -> None:
+    """``--top-k`` / ``--top-p`` only filter sampled tokens: refuse them on a greedy run (``None``: not known yet,
+    the checkpoint's generation config decides)."""
+    given = [flag for flag, value in (("--top-p", args.top_p), ("--top-k", args.top_k)) if value is not None]
+    if given and do_sample is False:
+        raise UsageError(f"{' and '.join(given)} only filter sampled tokens, and this run is greedy (--temperature 0 "
+                         "or the checkpoint's generation config): add --temperature T (T > 0) to sample")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -240,23 +221,25 @@ def run_generate(args: argparse.Namespace) -> int:
         bar.set_postfix_str("done")
 
     from ov_jax.engine import SamplingMode, engine_for
+    from ov_jax.generation import check_max_positions
 
-    do_sample = args.temperature > 0
+    overrides = sampling_overrides(args)
+    generation = model.generation_config.merged(max_new_tokens=args.max_new_tokens, **overrides)
+    _check_filters_apply(args, generation.do_sample)
     buckets = engine_for(model).buckets
     prompt_length, media_tokens = inputs["input_ids"].shape[1], _media_token_count(inputs, model)
+    check_max_positions(model.config.text, prompt_length, args.max_new_tokens, args.allow_beyond_max_positions)
     prompt_bucket = buckets.prompt_bucket(prompt_length, media_tokens)
     buckets.cache_bucket(prompt_bucket, args.max_new_tokens, prompt_length, media_tokens)  # too long: clear error
-    mode = SamplingMode.from_args(do_sample, args.top_k, args.top_p)
+    mode = SamplingMode.from_args(generation.do_sample, generation.top_k, generation.top_p)
     model.warmup(batch_sizes=(buckets.batch_bucket(1),), prompt_lengths=(prompt_bucket,),
                  max_new_tokens=args.max_new_tokens, sampling=(mode,),
                  media="pixel_values" in inputs or "pixel_values_videos" in inputs)
 
-    stop_ids, _ = stop_and_pad_ids(model_dir, model.config)
-    streamer = StdoutStreamer(processor, stop_ids)
+    streamer = StdoutStreamer(processor, generation.eos_token_id)
     start = time.perf_counter()
-    model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=do_sample,
-                   temperature=args.temperature if do_sample else 1.0, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed, stop_token_ids=stop_ids, streamer=streamer)
+    model.generate(**inputs, max_new_tokens=args.max_new_tokens, seed=args.seed, streamer=streamer,
+                   allow_beyond_max_positions=args.allow_beyond_max_positions, **overrides)
     elapsed = time.perf_counter() - start
     first = (streamer.first_token_time or start) - start
     decode = f"{(streamer.count - 1) / (elapsed - first):.1f}" if streamer.count > 1 and elapsed > first else "n/a"
@@ -347,15 +330,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                           "answer to stdout; the last line reports tokens/s.")
     gen.add_argument("--model", required=True, help="checkpoint directory, converted directory or hub id")
     gen.add_argument("--image", action="append", default=[], metavar="PATH",
-                     help="an image file; repeat for several images (multi-image mode)")
+                     help="an image file, http(s) URL or base64 data; repeat for several images (multi-image mode)")
     gen.add_argument("--video", metavar="PATH", help="a video file")
     gen.add_argument("--num-frames", type=int, default=8, help="frames sampled from --video (default 8)")
     gen.add_argument("--prompt", required=True, help="the user's question")
     gen.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy; > 0 samples")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus filter when sampling (default 1 = off)")
-    gen.add_argument("--top-k", type=int, default=0, help="top-k filter when sampling (default 0 = off)")
+    gen.add_argument("--temperature", type=float,
+                     help="0 = greedy, > 0 samples (default: the checkpoint's generation_config.json, else greedy)")
+    gen.add_argument("--top-p", type=float,
+                     help="nucleus filter when sampling, 1 = off (default: the checkpoint's, else 1)")
+    gen.add_argument("--top-k", type=int,
+                     help="top-k filter when sampling, 0 = off (default: the checkpoint's, else 50 as transformers)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--allow-beyond-max-positions", action="store_true",
+                     help="run even when prompt + --max-new-tokens exceeds the model's max_position_embeddings")
     gen.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
     gen.add_argument("--mesh", help="device mesh, e.g. data=2,tensor=4, a preset name or a mesh .json file")
 
