@@ -146,8 +146,9 @@ class LlavaOnevision:
         """Write a transformers checkpoint (llava-hf layout) that ``LlavaOnevisionForConditionalGeneration``
         and ``AutoProcessor.from_pretrained`` load; see :func:`ov_jax.export.save_pretrained`.
 
-        Tokenizer, processor and chat template files are copied from :attr:`source_dir` when the model came
-        from :meth:`from_pretrained`. ``dtype`` casts the written weights (default: the params' dtype);
+        LoRA adapters are merged into their weights. Tokenizer, processor and chat template files are copied
+        from :attr:`source_dir` (set by :meth:`from_pretrained`; assign it for a model built from params).
+        ``dtype`` casts the written weights (default: the params' dtype);
         ``max_shard_size`` (bytes or "5GB") splits larger models into indexed shards. ``directory`` must be
         new, empty, or an earlier export to replace with ``overwrite`` (never the source; ``OSError``
         otherwise). Returns the absolute output directory.
