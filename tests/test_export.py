@@ -325,3 +325,18 @@ def test_lora_adapters_are_merged_on_export(tiny_ckpt, tmp_path):
     adapted, before = np.asarray(model(**inputs).logits), np.asarray(base(**inputs).logits)
     assert np.abs(adapted - exact).max() <= TOL
     assert np.abs(before - exact).max() > 1e-2  # the adapters change the model
+
+
+def test_export_of_a_converted_checkpoint_is_the_sources(tiny_ckpt, tmp_path):
+    """From an `ov-jax convert` directory: same weights and files as exporting the original, none of the
+    converted directory's own files (params/, checksums, our config section, output marker)."""
+    from ov_jax.checkpoint import convert
+
+    convert(tiny_ckpt, tmp_path / "converted", progress=False)
+    out = LlavaOnevision.from_pretrained(tmp_path / "converted").save_pretrained(tmp_path / "out")
+    direct = LlavaOnevision.from_pretrained(tiny_ckpt).save_pretrained(tmp_path / "direct")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in direct.iterdir())
+    for file in direct.iterdir():
+        if file.name != MARKER:
+            assert (out / file.name).read_bytes() == file.read_bytes(), file.name
+    assert "ov_jax" not in json.loads((out / "config.json").read_text())
