@@ -2,14 +2,14 @@
 
     ov-jax make-tiny OUT
     ov-jax convert SRC DST [--dtype bfloat16]
-    ov-jax generate --model M [--image P ...] [--video P --num-frames N] --prompt TEXT [...]
+    ov-jax generate --model M [--image P ...] [--video P --num-frames N] (--prompt TEXT | --prompt-file PATH) [...]
     ov-jax compare --model M [--image P ...] [--video P] [--prompt TEXT] [--dtype D] [--tolerance X]
     ov-jax batch --model M --input requests.jsonl --output answers.jsonl [--mesh ...]
     ov-jax bench [-- benchmark options ...]
 
-Every bad input ends in one line ``error: ...`` on stderr and exit status 2 (set ``OV_JAX_TRACEBACK=1``
-to see the traceback instead); ``compare`` exits 1 when a stage is over its tolerance. Heavy imports
-(jax, torch) happen inside the subcommands, so ``ov-jax --help`` is instant.
+Every bad input, a bad flag included, ends in one line ``error: ...`` on stderr and exit status 2 (set
+``OV_JAX_TRACEBACK=1`` to see the traceback instead); ``compare`` exits 1 when a stage is over its tolerance.
+Heavy imports (jax, torch) happen inside the subcommands, so ``ov-jax --help`` is instant.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 from typing import Any, Sequence
+
+from ov_jax.paths import check_file, decode_utf8, read_text
 
 EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
 ASSETS = pathlib.Path(__file__).parent / "assets"
@@ -34,18 +36,28 @@ class UsageError(ValueError):
     """A command-line value that cannot work (reported as one line, like every other bad input)."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` after every option that has a meaningful default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == [] \
+                or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one ``error: ...`` line (exit 2) like every other bad input, and every
+    option's help shows its default."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"error: {message} (see {self.prog} --help)\n")
+
+
 # --------------------------------------------------------------------------------------------- inputs
-
-
-def check_file(path: str, what: str) -> str:
-    """``path`` if it is a readable file, else a :class:`UsageError` naming ``what`` it should have been."""
-    if not os.path.exists(path):
-        raise UsageError(f"{what} {path!r} does not exist")
-    if not os.path.isfile(path):
-        raise UsageError(f"{what} {path!r} is not a file")
-    if not os.access(path, os.R_OK):
-        raise UsageError(f"{what} {path!r} is not readable")
-    return path
 
 
 def load_images(sources: Sequence[str]) -> list:
@@ -62,6 +74,28 @@ def check_video(path: str) -> str:
     from ov_jax.processing.video import check_video_file
 
     return check_video_file(path)
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str | None:
+    """The prompt given as ``--prompt TEXT`` or ``--prompt-file PATH`` (``-`` = stdin; one final newline is
+    dropped); text that is not valid UTF-8, or only whitespace, is an error naming where it came from."""
+    if prompt_file is None:
+        if prompt is None:
+            return None
+        text, where = prompt, "--prompt"
+        try:
+            text.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates
+        except UnicodeEncodeError:
+            raise UsageError("--prompt is not valid UTF-8 text") from None
+    else:
+        if prompt_file == "-":
+            text, where = decode_utf8(sys.stdin.buffer.read(), "the prompt on stdin"), "the prompt on stdin"
+        else:
+            text, where = read_text(prompt_file, "prompt file"), f"prompt file {prompt_file!r}"
+        text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    if not text.strip():
+        raise UsageError(f"{where} is empty")
+    return text
 
 
 def conversation(prompt: str, images: Sequence[Any] = (), video: str | None = None) -> list[dict]:
@@ -174,8 +208,7 @@ def _check_generate_args(args: argparse.Namespace) -> None:
     _check_filters_apply(args, overrides["do_sample"])
     if args.video is not None:
         check_video(args.video)
-    if not args.prompt.strip():
-        raise UsageError("--prompt is empty")
+    args.prompt = read_prompt(args.prompt, args.prompt_file)
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -266,7 +299,8 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.tolerance is not None and not args.tolerance > 0:
         raise UsageError(f"--tolerance must be > 0, got {args.tolerance}")
     result = compare.compare(
-        args.model, jax_model=args.jax_model, images=load_images(args.image), video=args.video, prompt=args.prompt,
+        args.model, jax_model=args.jax_model, images=load_images(args.image), video=args.video,
+        prompt=read_prompt(args.prompt, args.prompt_file),
         num_frames=args.num_frames, dtype=args.dtype, tolerance=args.tolerance, max_new_tokens=args.max_new_tokens)
     print(result.table(), flush=True)
     return EXIT_OK if result.passed else EXIT_MISMATCH
@@ -277,9 +311,9 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def run_batch(args: argparse.Namespace) -> int:
     """Resumable batch inference over a jsonl (`ov_jax.batch_inference`), multi-host when asked."""
-    from ov_jax.batch_inference import run_from_args
+    from ov_jax.batch_inference import check_arguments, run_from_args
 
-    check_file(args.input, "requests file")
+    check_arguments(args)
     if args.mesh is not None and not args.coordinator and not os.environ.get("OV_JAX_COORDINATOR"):
         _make_mesh(args.mesh)  # a bad mesh is reported before the model loads
     print(run_from_args(args), flush=True)
@@ -306,14 +340,14 @@ def run_bench(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; ``command`` (the subcommand about to run) lets heavy subcommands add their flags."""
-    parser = argparse.ArgumentParser(prog="ov-jax", description="LLaVA-OneVision in JAX/Flax: command-line tools.")
+    parser = ArgumentParser(prog="ov-jax", description="LLaVA-OneVision in JAX/Flax: command-line tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     tiny = commands.add_parser("make-tiny", help="write a small random-weight checkpoint (offline)",
                                description="Write a small random-weight LLaVA-OneVision checkpoint in the transformers "
                                            "layout, with a real tokenizer, processor configs and chat template.")
     tiny.add_argument("out", metavar="OUT", help="output directory")
-    tiny.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    tiny.add_argument("--seed", type=int, default=0, help="weights seed")
     tiny.add_argument("--tied", action="store_true", help="tie lm_head to the embeddings (as the 0.5B)")
     tiny.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype in the file")
     tiny.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier make-tiny output")
@@ -333,8 +367,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                      help="an image file, http(s) URL or base64 data; repeat for several images (multi-image mode)")
     gen.add_argument("--video", metavar="PATH", help="a video file")
     gen.add_argument("--num-frames", type=int, default=8, help="frames sampled from --video (default 8)")
-    gen.add_argument("--prompt", required=True, help="the user's question")
-    gen.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the user's question")
+    prompt.add_argument("--prompt-file", metavar="PATH",
+                        help="read the question from a UTF-8 file ('-' = stdin; one final newline is dropped), for "
+                             "prompts longer than a command line allows")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit in tokens")
     gen.add_argument("--temperature", type=float,
                      help="0 = greedy, > 0 samples (default: the checkpoint's generation_config.json, else greedy)")
     gen.add_argument("--top-p", type=float,
@@ -357,7 +395,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     cmp.add_argument("--video", metavar="PATH",
                      help="a video file (decoded and preprocessed by ov_jax for both models)")
     cmp.add_argument("--num-frames", type=int, default=8, help="frames sampled from --video (default 8)")
-    cmp.add_argument("--prompt", help="the user's question (default: a generic describe prompt)")
+    cmp_prompt = cmp.add_mutually_exclusive_group()
+    cmp_prompt.add_argument("--prompt", help="the user's question (default: a generic describe prompt)")
+    cmp_prompt.add_argument("--prompt-file", metavar="PATH", help="read the question from a UTF-8 file ('-' = stdin)")
     cmp.add_argument("--dtype", choices=DTYPES, default="float32", help="both models' dtype (default float32)")
     cmp.add_argument("--tolerance", type=float, help="max abs diff allowed per stage (default: per dtype, see table)")
     cmp.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens compared (default 8; 0 skips)")

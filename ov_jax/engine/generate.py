@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -56,6 +57,20 @@ def enable_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def compilation_cache_from_environment() -> None:
+    """Make ``JAX_COMPILATION_CACHE_DIR`` cache every executable. jax alone writes only those that took over a
+    second to compile (and are not tiny), which leaves out most of a small model's; this lowers both thresholds
+    unless the environment sets them (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` / ``..._MIN_ENTRY_SIZE_BYTES``).
+    Nothing happens without the variable or when the program chose another directory."""
+    directory = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if not directory or jax.config.jax_compilation_cache_dir != directory:
+        return
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 class Engine:
     """Bucketed generation for one model.
 
@@ -74,6 +89,7 @@ class Engine:
     def __init__(self, config: OneVisionConfig, params: dict, dtype: Any = jnp.float32,
                  buckets: Buckets | None = None, *, layout: str | None = None, loop: str = "device",
                  generation_config: GenerationConfig | None = None, mesh: Any = None):
+        compilation_cache_from_environment()
         self.config = config
         self.mesh = sh.make_mesh(mesh) if mesh is not None else sh.mesh_of(params)
         self.dtype = jnp.dtype(dtype)
