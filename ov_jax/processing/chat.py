@@ -208,3 +208,12 @@ def _tag_final_message(messages: list[dict], tag: str) -> str:
             item["text"] = text + tag
             return text
     raise ValueError("continue_final_message is set but the final message has no text to continue")
+
+
+def single_turn(prompt: str, images: Sequence[Any] = (), video: Any = None) -> list[dict]:
+    """One user turn holding the images, then the video, then the text (the chat template's order)."""
+    content: list[dict] = [{"type": "image", "image": image} for image in images]
+    if video is not None:
+        content.append({"type": "video", "video": video})
+    content.append({"type": "text", "text": prompt})
+    return [{"role": "user", "content": content}]
