@@ -1,5 +1,7 @@
 """LoRA fine-tuning: only adapters train, merged equals unmerged, target presets, LoRA dropout."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -79,7 +81,7 @@ def test_lora_dropout_masks_adapter_inputs(model, data):
     mask = train.make_train_step(model.config, train.optimizer(), lora=spec, log=None).trainable_mask(params)
     sub = freezing.select(params, mask)
 
-    @jax.jit
+    @functools.partial(jax.jit, static_argnums=0)
     def loss(rate, key):
         return train.accumulated_grads(sub, params, stacked, config=model.config, compute_dtype=jnp.float32,
                                        dropout=rate, rng=key)[0]
