@@ -344,4 +344,3 @@ def load_config(path: str | os.PathLike) -> OneVisionConfig:
     if "ov_jax" in d:  # our own converted checkpoints
         return OneVisionConfig.from_dict(d["ov_jax"])
     return config_from_hf_dict(d)
-
