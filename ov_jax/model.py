@@ -87,8 +87,10 @@ class LlavaOnevision:
     and sampling defaults ``generate`` uses; default: the text config's ids and transformers' defaults.
     """
 
-    def __init__(self, config: OneVisionConfig, params: dict, dtype: Any = jnp.float32,
-                 generation_config: GenerationConfig | None = None, lora: LoraSpec | None = None):
+    source_dir: os.PathLike | None = None  # the checkpoint directory from_pretrained read (its files are exported)
+
+    def __init__(self, config: OneVisionConfig, params: dict, dtype: Any = jnp.float32, lora: LoraSpec | None = None,
+                 generation_config: GenerationConfig | None = None):
         """``params`` in the `ov_jax.params` layout (with ``lora``'s adapters, `ov_jax.nn.lora.add_lora`), stored
         in any float dtype; ``dtype`` is the compute dtype of every call (e.g. float32 master weights with a
         bfloat16 forward). Raises ``ValueError`` when the tree does not match the config."""
@@ -103,7 +105,8 @@ class LlavaOnevision:
     def from_params(cls, config: OneVisionConfig, params: dict, dtype: Any = jnp.float32,
                     generation_config: GenerationConfig | None = None) -> "LlavaOnevision":
         dtype = resolve_dtype(dtype)
-        return cls(config, jax.tree.map(lambda x: jnp.asarray(x, dtype), params), dtype, generation_config)
+        return cls(config, jax.tree.map(lambda x: jnp.asarray(x, dtype), params), dtype,
+                   generation_config=generation_config)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, dtype: Any = jnp.float32, mesh: Any = None,
@@ -134,7 +137,26 @@ class LlavaOnevision:
             config, params = checkpoint.load_orbax(path, dtype=dtype, verify=verify, **kwargs)
         else:
             config, params = loading.load_params(path, dtype=dtype, **kwargs)
-        return cls(config, params, dtype, GenerationConfig.from_pretrained(path, config.text))
+        model = cls(config, params, dtype, generation_config=GenerationConfig.from_pretrained(path, config.text))
+        model.source_dir = path
+        return model
+
+    def save_pretrained(self, directory: str | os.PathLike, *, dtype: Any = None,
+                        max_shard_size: int | str = "50GB", overwrite: bool = False) -> os.PathLike:
+        """Write a transformers checkpoint (llava-hf layout) that ``LlavaOnevisionForConditionalGeneration``
+        and ``AutoProcessor.from_pretrained`` load; see :func:`ov_jax.export.save_pretrained`.
+
+        LoRA adapters are merged into their weights. Tokenizer, processor and chat template files are copied
+        from :attr:`source_dir` (set by :meth:`from_pretrained`; assign it for a model built from params).
+        ``dtype`` casts the written weights (default: the params' dtype);
+        ``max_shard_size`` (bytes or "5GB") splits larger models into indexed shards. ``directory`` must be
+        new, empty, or an earlier export to replace with ``overwrite`` (never the source; ``OSError``
+        otherwise). Returns the absolute output directory.
+        """
+        from ov_jax import export
+
+        return export.save_pretrained(self.config, self.params, directory, source=self.source_dir, dtype=dtype,
+                                      max_shard_size=max_shard_size, overwrite=overwrite)
 
     @functools.cached_property
     def _jit_call(self):
