@@ -1,10 +1,9 @@
-"""Shared pieces of the training tests: mixed media batches and torch gradients in our params layout."""
+"""Shared pieces of the training tests: mixed media batches, and gradients of torch and ours in torch's layout."""
 
 import numpy as np
 
 from ov_jax.geometry import image_tile_count, image_token_count, video_token_count
-from ov_jax.loading import canonical_key, checkpoint_keys
-from ov_jax.params import is_spec, param_specs
+from ov_jax.loading import canonical_key
 
 IMAGE_SIZE = (100, 200)  # anyres: 2 tiles, 1093 tokens (unpadded grid + newlines)
 MULTI_SIZES = ((300, 500), (800, 200))
@@ -45,39 +44,25 @@ def mixed_batch(config, rng, *, padding: str = "left", rows=("image", "multi", "
     return inputs, labels
 
 
-def to_params_layout(named: dict, config) -> dict:
-    """A ``{transformers in-memory name: numpy array}`` dict (weights or gradients; None = zeros) → a float64
-    tree in our params layout, through the loading key table (its transforms applied to each tensor)."""
-    import jax
-
-    keys = checkpoint_keys(config)
-    specs = param_specs(config)
-    leaves = {tuple(k.key for k in p): np.zeros(s.shape, np.float64)
-              for p, s in jax.tree_util.tree_leaves_with_path(specs, is_leaf=is_spec)}
-    seen = set()
-    for name, value in named.items():
-        canonical, _ = canonical_key(name)
-        path, transform, layer, source_shape = keys[canonical]
-        seen.add(canonical)
-        leaf = leaves[path]
-        target = leaf.shape[1:] if layer is not None else leaf.shape
-        value = np.zeros(source_shape) if value is None else np.asarray(value, np.float64)
-        out = transform.read(value, target, tuple(slice(0, n) for n in target))
-        leaf[... if layer is None else layer] = out
-    missing = set(keys) - seen
-    assert not missing, sorted(missing)[:5]
-    return jax.tree_util.tree_map_with_path(lambda p, _: leaves[tuple(k.key for k in p)], specs, is_leaf=is_spec)
-
-
-def torch_loss_and_grads(ref, config, inputs, labels):
-    """transformers' loss and gradients (``.backward()``) in our params layout."""
+def torch_loss_and_grads(ref, inputs, labels) -> tuple[float, dict]:
+    """transformers' loss and gradients (``.backward()``), keyed by canonical checkpoint name
+    (`ov_jax.loading.canonical_key`; an unused parameter's gradient is zeros)."""
     import torch
 
     ref.zero_grad(set_to_none=True)
     out = ref(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}, labels=torch.from_numpy(labels))
     out.loss.backward()
-    grads = {n: None if p.grad is None else p.grad.double().numpy() for n, p in ref.named_parameters()}
-    return float(out.loss.detach()), to_params_layout(grads, config)
+    grads = {canonical_key(n)[0]: np.zeros(tuple(p.shape)) if p.grad is None else p.grad.double().numpy()
+             for n, p in ref.named_parameters()}
+    return float(out.loss.detach()), grads
+
+
+def in_torch_layout(config, tree) -> dict:
+    """A params-shaped tree (e.g. our gradients) as torch-layout arrays keyed by canonical checkpoint name,
+    through `ov_jax.export.hf_state_dict` (the loading key table run backwards)."""
+    from ov_jax.export import hf_state_dict
+
+    return {canonical_key(k)[0]: np.asarray(v, np.float64) for k, v in hf_state_dict(config, tree).items()}
 
 
 def norm_relative(ours, theirs) -> float:
