@@ -1,14 +1,16 @@
 """Chat-template rendering with jinja2, matching transformers' ``apply_chat_template`` environment.
 
 Templates run in jinja2's immutable sandbox with ``trim_blocks`` / ``lstrip_blocks``, the loop-control
-extension, ``tojson`` / ``raise_exception`` / ``strftime_now``, and a no-op ``{% generation %}`` tag (transformers
-uses it for assistant masks). Conversations are normalised the way transformers does (batched or not,
-``None`` values dropped, OpenAI ``image_url`` items turned into ``image`` items), and everything the template
-sees is reduced to plain JSON data, so media objects never reach the sandbox.
+extension, ``tojson`` / ``raise_exception`` / ``strftime_now``, and a ``{% generation %}`` tag that renders its
+body unchanged (transformers uses it for assistant masks; :func:`render_with_generation_spans` returns the spans
+it marks). Conversations are normalised the way transformers does (batched or not, ``None`` values dropped,
+OpenAI ``image_url`` items turned into ``image`` items), and everything the template sees is reduced to plain
+JSON data, so media objects never reach the sandbox.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import datetime
 import functools
@@ -27,15 +29,30 @@ IMAGE_KEYS = ("image", "url", "path", "base64")  # where transformers looks for 
 VIDEO_KEYS = ("video", "url", "path")
 
 
+# While :func:`render_with_generation_spans` runs: (blocks rendered so far, spans found so far).
+_GENERATION_TRACKER: contextvars.ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = contextvars.ContextVar(
+    "generation_tracker", default=None)
+
+
 class GenerationTag(jinja2.ext.Extension):
-    """``{% generation %}...{% endgeneration %}`` renders its body unchanged."""
+    """``{% generation %}...{% endgeneration %}`` renders its body unchanged and, while
+    :func:`render_with_generation_spans` runs, records the body's character span (as transformers' tracker)."""
 
     tags = {"generation"}
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body, lineno=lineno)
+        return jinja2.nodes.CallBlock(self.call_method("_track"), [], [], body).set_lineno(lineno)
+
+    def _track(self, caller) -> str:
+        text = caller()
+        tracker = _GENERATION_TRACKER.get()
+        if tracker is not None:
+            blocks, spans = tracker
+            start = sum(len(block) for block in blocks)
+            spans.append((start, start + len(text)))
+        return text
 
 
 def _raise_exception(message: str):
@@ -208,3 +225,22 @@ def _tag_final_message(messages: list[dict], tag: str) -> str:
             item["text"] = text + tag
             return text
     raise ValueError("continue_final_message is set but the final message has no text to continue")
+
+
+def render_with_generation_spans(source: str, conversation: Sequence[Mapping], **template_kwargs: Any
+                                 ) -> tuple[str, list[tuple[int, int]]]:
+    """Render one normalized conversation and return ``(text, spans)``: the ``[start, end)`` character spans of
+    the text the template's ``{% generation %}`` blocks produced (what transformers turns into
+    ``assistant_masks``). No generation prompt is added."""
+    template = compile_template(source)
+    messages = plain_template_data(list(conversation))
+    context = plain_template_data(template_kwargs)
+    blocks: list[str] = []
+    spans: list[tuple[int, int]] = []
+    token = _GENERATION_TRACKER.set((blocks, spans))
+    try:
+        for block in template.generate(messages=messages, add_generation_prompt=False, **context):
+            blocks.append(block)
+    finally:
+        _GENERATION_TRACKER.reset(token)
+    return "".join(blocks), spans
