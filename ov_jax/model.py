@@ -64,6 +64,8 @@ def _is_converted(path: os.PathLike) -> bool:
 class LlavaOnevision:
     """LLaVA-OneVision in JAX. Build with :meth:`from_pretrained` or :meth:`from_params`."""
 
+    source_dir: os.PathLike | None = None  # the checkpoint directory from_pretrained read (its files are exported)
+
     def __init__(self, config: OneVisionConfig, params: dict, dtype: Any = jnp.float32):
         check_tree(params, config)
         self.config = config
@@ -101,7 +103,24 @@ class LlavaOnevision:
             config, params = checkpoint.load_orbax(path, dtype=dtype, **kwargs)
         else:
             config, params = loading.load_params(path, dtype=dtype, **kwargs)
-        return cls(config, params, dtype)
+        model = cls(config, params, dtype)
+        model.source_dir = path
+        return model
+
+    def save_pretrained(self, directory: str | os.PathLike, *, dtype: Any = None,
+                        max_shard_size: int | str = "50GB") -> os.PathLike:
+        """Write a transformers checkpoint (llava-hf layout) that ``LlavaOnevisionForConditionalGeneration``
+        and ``AutoProcessor.from_pretrained`` load; see :func:`ov_jax.export.save_pretrained`.
+
+        Tokenizer, processor and chat template files are copied from :attr:`source_dir` when the model came
+        from :meth:`from_pretrained`. ``dtype`` casts the written weights (default: the params' dtype);
+        ``max_shard_size`` (bytes or "5GB") splits larger models into indexed shards. ``directory`` must be
+        new or empty (``FileExistsError``). Returns the absolute output directory.
+        """
+        from ov_jax import export
+
+        return export.save_pretrained(self.config, self.params, directory, source=self.source_dir, dtype=dtype,
+                                      max_shard_size=max_shard_size)
 
     @functools.cached_property
     def module(self) -> LlavaOnevisionModule:
