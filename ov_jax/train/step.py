@@ -1,0 +1,226 @@
+"""Loss, gradients and the jitted train step.
+
+Everything device-side is a pure function of plain pytrees: the loss of one micro-batch
+(:func:`micro_batch_nll`), gradients accumulated over K micro-batches (:func:`accumulated_grads`), and the
+optimizer update. :func:`make_train_step` wraps them into a :class:`TrainStep` that is jitted once per
+batch shape, donates the :class:`TrainState` and keeps every array on the mesh the sharding rules
+(`ov_jax.sharding`) give it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ov_jax import sharding
+from ov_jax.config import OneVisionConfig
+from ov_jax.modeling import llava
+from ov_jax.train import freeze as freezing
+from ov_jax.train.batch import IGNORE_INDEX, Batch, make_batch, stack_micro_batches
+
+
+@flax.struct.dataclass
+class TrainState:
+    """What a run saves and resumes: ``step`` (int32 scalar), ``params`` (the full float32 params tree),
+    ``opt_state`` (the optimizer's state over the trainable leaves only) and ``rng`` (uint32 ``[2]``)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def micro_batch_nll(params: dict, batch: Batch, *, config: OneVisionConfig, compute_dtype: Any,
+                    remat: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Sum of next-token negative log-likelihoods (float32) and the number of label tokens, for one batch.
+
+    Labels are shifted inside (position ``t`` predicts ``labels[t + 1]``); ``-100`` is ignored.
+    """
+    logits = llava.forward(params, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                           batch["tower_inputs"], batch["tap_index"], batch["tap_weight"], batch["is_media"],
+                           config, compute_dtype)
+    labels = batch["labels"][:, 1:]
+    valid = labels != IGNORE_INDEX
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)), valid.sum()
+
+
+def accumulated_grads(trainable: dict, params: dict, batches: Batch, *, config: OneVisionConfig,
+                      compute_dtype: Any, remat: bool = False) -> tuple[jax.Array, dict, jax.Array]:
+    """Mean loss and its gradient w.r.t. ``trainable`` over K stacked micro-batches (leading axis of ``batches``).
+
+    ``trainable`` is a sub-tree of ``params`` (`ov_jax.train.freeze.select`); every other leaf enters under
+    ``stop_gradient``. Gradients of the summed token losses are accumulated and divided by the total token
+    count once, so K micro-batches give the gradient of one batch holding all their rows.
+    Returns ``(loss, grads, tokens)``.
+    """
+    frozen = jax.lax.stop_gradient(params)
+
+    def nll(sub, batch):
+        return micro_batch_nll(freezing.merge(frozen, sub), batch, config=config, compute_dtype=compute_dtype,
+                               remat=remat)
+
+    grad_fn = jax.value_and_grad(nll, has_aux=True)
+    k = batches["input_ids"].shape[0]
+    if k == 1:
+        (total, count), grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], batches))
+    else:
+        def body(carry, batch):
+            g_sum, nll_sum, n_sum = carry
+            (value, n), g = grad_fn(trainable, batch)
+            return (jax.tree.map(jnp.add, g_sum, g), nll_sum + value, n_sum + n), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        (grads, total, count), _ = jax.lax.scan(body, zeros, batches)
+    denom = jnp.maximum(count, 1).astype(jnp.float32)
+    return total / denom, jax.tree.map(lambda g: g / denom.astype(g.dtype), grads), count
+
+
+@functools.lru_cache(maxsize=8)
+def _jit_loss_and_grad(config: OneVisionConfig, compute_dtype: Any) -> Callable:
+    def fn(params, batch):
+        loss, grads, _ = accumulated_grads(params, params, batch, config=config, compute_dtype=compute_dtype)
+        return loss, grads
+
+    return jax.jit(fn)
+
+
+def loss_and_grad(model, labels, **inputs) -> tuple[jax.Array, dict]:
+    """Mean next-token loss of ``model`` (a `ov_jax.model.LlavaOnevision`) on the processor's ``inputs``
+    and its gradient w.r.t. every weight, as a tree shaped like ``model.params``.
+
+    ``labels [B, T]`` follow transformers: ``-100`` is ignored and the shift happens inside. The loss is
+    float32; compute runs in ``model.dtype``. Errors: see `ov_jax.train.batch.make_batch`.
+    """
+    batch = make_batch(model.config, labels=labels, **inputs)
+    stacked = {k: v[None] for k, v in batch.items()}
+    return _jit_loss_and_grad(model.config, model.dtype)(model.params, stacked)
+
+
+class TrainStep:
+    """A jitted, donating train step; build it with :func:`make_train_step`.
+
+    ``init(params, seed)`` → :class:`TrainState` (params placed on the mesh, optimizer state over the
+    trainable leaves, the trainable table logged); ``step(state, micro_batches)`` → ``(state, metrics)`` where
+    ``micro_batches`` is a list of ``grad_accum`` batches from `ov_jax.train.make_batch` (or one batch already
+    stacked with `stack_micro_batches`) and ``metrics`` holds float32 scalars ``loss`` (token-weighted mean),
+    ``grad_norm`` (global norm before clipping) and the int32 ``tokens`` count. The state passed in is
+    donated: use the returned one.
+    """
+
+    def __init__(self, config: OneVisionConfig, optimizer: optax.GradientTransformation, *, mesh=None,
+                 freeze=None, grad_accum: int = 1, compute_dtype: Any = jnp.bfloat16, remat: bool = False,
+                 log: Callable[[str], Any] | None = print):
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        from ov_jax.model import resolve_dtype
+
+        self.config = config
+        self.optimizer = optimizer
+        self.mesh = None if mesh is None else sharding.make_mesh(mesh)
+        self.freeze = freeze
+        self.grad_accum = grad_accum
+        self.compute_dtype = resolve_dtype(compute_dtype)
+        self.remat = remat
+        self.log = log
+        self._jitted = None
+
+    # --- which leaves train -----------------------------------------------------------------------------------
+
+    def trainable_mask(self, params: dict) -> Any:
+        """Tree of bools over ``params``: True where the leaf trains (not matched by ``freeze``)."""
+        frozen = freezing.matching(params, self.freeze)
+        return jax.tree.map(lambda f: not f, frozen)
+
+    # --- state ------------------------------------------------------------------------------------------------
+
+    def _param_shardings(self, params: dict) -> Any:
+        specs = sharding.param_shardings(self.config, self.mesh)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        flat = {freezing.path_name(p): s for p, s in jax.tree_util.tree_leaves_with_path(specs)}
+        return jax.tree_util.tree_map_with_path(lambda p, _: flat.get(freezing.path_name(p), replicated), params)
+
+    def init(self, params: dict, seed: int = 0) -> TrainState:
+        """A fresh state at step 0 (params as given, cast to float32 master weights)."""
+        mask = self.trainable_mask(params)
+        if self.log is not None:
+            self.log(freezing.trainable_table(params, mask))
+        if not any(jax.tree.leaves(mask)):
+            raise freezing.FreezeError("every parameter is frozen: nothing would train")
+        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+        rng = jax.random.PRNGKey(seed)
+        if self.mesh is None:
+            opt_state = jax.jit(self.optimizer.init)(freezing.select(params, mask))
+            return TrainState(jnp.zeros((), jnp.int32), params, opt_state, rng)
+        shardings = self._param_shardings(params)
+        params = jax.tree.map(jax.device_put, params, shardings)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        sub = freezing.select(params, mask)
+        abstract = jax.eval_shape(self.optimizer.init, sub)
+        opt_shardings = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract,
+                                              freezing.select(shardings, mask),
+                                              transform_non_params=lambda _: replicated)
+        opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(sub)
+        put = functools.partial(jax.device_put, device=replicated)
+        return TrainState(put(jnp.zeros((), jnp.int32)), params, opt_state, put(rng))
+
+    # --- the step ---------------------------------------------------------------------------------------------
+
+    def _update(self, state: TrainState, batches: Batch) -> tuple[TrainState, dict]:
+        mask = self.trainable_mask(state.params)
+        trainable = freezing.select(state.params, mask)
+        loss, grads, tokens = accumulated_grads(trainable, state.params, batches, config=self.config,
+                                                compute_dtype=self.compute_dtype, remat=self.remat)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, trainable)
+        params = freezing.merge(state.params, optax.apply_updates(trainable, updates))
+        rng, _ = jax.random.split(state.rng)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": tokens}
+        return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+    def _batch_shardings(self, batches: Batch) -> Any:
+        kinds = {"tower_inputs": (None, "tiles", None, None, None)}
+
+        def one(key, x):
+            axes = kinds.get(key, (None, "batch", "length") + (None,) * (x.ndim - 3))
+            return sharding.activation_sharding(self.mesh, axes, x.shape)
+
+        return {k: one(k, v) for k, v in batches.items()}
+
+    def __call__(self, state: TrainState, micro_batches: Sequence[Batch] | Batch) -> tuple[TrainState, dict]:
+        batches = (micro_batches if isinstance(micro_batches, dict) else stack_micro_batches(micro_batches))
+        k = batches["input_ids"].shape[0]
+        if k != self.grad_accum:
+            raise ValueError(f"got {k} micro-batches for grad_accum={self.grad_accum}")
+        if self.mesh is not None:
+            batches = {k: sharding.put_global(v, s) for (k, v), s in
+                       zip(batches.items(), self._batch_shardings(batches).values())}
+        if self._jitted is None:
+            out_state = jax.tree.map(lambda x: x.sharding, state) if self.mesh is not None else None
+            out = None if out_state is None else (out_state, None)
+            self._jitted = jax.jit(self._update, donate_argnums=0, out_shardings=out)
+        return self._jitted(state, batches)
+
+
+def make_train_step(config: OneVisionConfig, optimizer: optax.GradientTransformation, *, mesh=None, freeze=None,
+                    grad_accum: int = 1, compute_dtype: Any = jnp.bfloat16, remat: bool = False,
+                    log: Callable[[str], Any] | None = print) -> TrainStep:
+    """A :class:`TrainStep` for ``config``.
+
+    ``optimizer``: an optax transformation (`ov_jax.train.optimizer` builds AdamW + schedule + clipping);
+    ``mesh``: a mesh or mesh spec (`ov_jax.sharding.make_mesh`) — params and optimizer moments sharded by
+    the logical rules (FSDP over ``fsdp``, Megatron over ``tensor``), batch rows over ``data``/``fsdp``;
+    ``freeze``: presets (``vision_tower``, ``projector``, ``language_model``, ``image_newline``) or regexes
+    over params paths, a comma-separated string or a list — frozen leaves get no gradient and no optimizer
+    state; ``grad_accum``: micro-batches per step (token-weighted, equal to one batch of all their rows);
+    ``compute_dtype``: activation / matmul dtype (params stay float32 masters); ``remat``: rematerialise
+    layer activations in the backward pass; ``log``: where the trainable-parameter table goes (None: nowhere).
+    """
+    return TrainStep(config, optimizer, mesh=mesh, freeze=freeze, grad_accum=grad_accum,
+                     compute_dtype=compute_dtype, remat=remat, log=log)
