@@ -114,11 +114,11 @@ def _read_run_config(directory: pathlib.Path) -> RunConfig:
 
 
 def open_run(directory: str | os.PathLike, config: RunConfig | None, *, resume: bool = False,
-             overwrite: bool = False) -> tuple[pathlib.Path, RunConfig]:
+             overwrite: bool = False, create: bool = True) -> tuple[pathlib.Path, RunConfig]:
     """The run directory and its settings. A new run creates ``directory`` through `ov_jax.outputs` (never
     replacing anything but an earlier fine-tuning run, and that only with ``overwrite``) and writes
-    ``run.json``. ``resume`` takes the saved settings; ``config``, if given, may differ only in
-    :data:`RESUMABLE` fields (which it then overrides)."""
+    ``run.json``; ``create=False`` only checks that it could. ``resume`` takes the saved settings; ``config``,
+    if given, may differ only in :data:`RESUMABLE` fields (which it then overrides)."""
     path = pathlib.Path(directory)
     if resume:
         if outputs.output_kind(path) != RUN_KIND or not (path / RUN_FILE).is_file():
@@ -136,10 +136,34 @@ def open_run(directory: str | os.PathLike, config: RunConfig | None, *, resume: 
         return path.resolve(), merged
     if config is None:
         raise RunError("a new run needs its settings")
-    sources = [p for p in (config.model, config.data, config.media_root) if p is not None and os.path.exists(p)]
-    path = outputs.prepare_output_dir(path, kind=RUN_KIND, overwrite=overwrite, sources=sources)
-    (path / RUN_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    if create:
+        path = outputs.prepare_output_dir(path, kind=RUN_KIND, overwrite=overwrite, sources=_sources(config))
+        (path / RUN_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    else:
+        path = outputs.check_output_dir(path, kind=RUN_KIND, overwrite=overwrite, sources=_sources(config))
     return path, config
+
+
+def _sources(config: RunConfig) -> list[str]:
+    return [p for p in (config.model, config.data, config.media_root) if p is not None and os.path.exists(p)]
+
+
+def run_settings(directory: str | os.PathLike, *, resume: bool = False, **given: Any) -> RunConfig:
+    """Settings from explicitly given values: a new run's are ``RunConfig(**given)`` (``model`` and ``data``
+    required); a resumed run's are the saved ones with ``given`` applied (:func:`open_run` then refuses changes
+    outside :data:`RESUMABLE`)."""
+    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(RunConfig)})
+    if unknown:
+        raise RunError(f"unknown run setting(s) {unknown}")
+    if resume:
+        path = pathlib.Path(directory)
+        if outputs.output_kind(path) != RUN_KIND or not (path / RUN_FILE).is_file():
+            raise RunError(f"cannot resume: {path} is not a fine-tuning run directory")
+        return dataclasses.replace(_read_run_config(path), **given)
+    missing = [name for name in ("model", "data") if given.get(name) is None]
+    if missing:
+        raise RunError(f"a new run needs {' and '.join(missing)} (--{' and --'.join(missing)})")
+    return RunConfig(**given)
 
 
 def checkpoint_manager(directory: pathlib.Path, config: RunConfig):
@@ -211,7 +235,7 @@ def finetune(output: str | os.PathLike, config: RunConfig | None = None, *, resu
     from ov_jax.train import make_train_step, optimizer, stack_micro_batches
     from ov_jax.train.optim import lr_schedule
 
-    directory, config = open_run(output, config, resume=resume, overwrite=overwrite)
+    directory, config = open_run(output, config, resume=resume, overwrite=overwrite, create=False)
     say = log or (lambda _: None)
     processor = LlavaOnevisionProcessor.from_pretrained(config.model)
     dataset = train_data.scan(config.data, processor, max_length=config.max_length, num_frames=config.num_frames,
@@ -228,6 +252,8 @@ def finetune(output: str | os.PathLike, config: RunConfig | None = None, *, resu
                               grad_accum=config.grad_accum, compute_dtype=config.compute_dtype, log=log)
     state = step_fn.init(model.params, seed=config.seed)
     del model
+    if not resume:  # every setting has been checked: only now is the run directory created
+        directory, _ = open_run(output, config, overwrite=overwrite)
 
     manager = checkpoint_manager(directory, config)
     data_state = None
@@ -295,10 +321,10 @@ def latest_params(directory: str | os.PathLike) -> tuple[int, dict]:
     """``(step, params)`` of the run's latest checkpoint (numpy arrays in the params layout)."""
     import orbax.checkpoint as ocp
 
-    path = pathlib.Path(directory)
+    path = pathlib.Path(directory).absolute()
     if outputs.output_kind(path) != RUN_KIND:
         raise RunError(f"{path} is not a fine-tuning run directory")
-    manager = ocp.CheckpointManager(path / CHECKPOINTS, options=ocp.CheckpointManagerOptions(read_only=True),
+    manager = ocp.CheckpointManager(path / CHECKPOINTS, options=ocp.CheckpointManagerOptions(create=False),
                                     item_names=("params", "train", "data"))
     try:
         step = manager.latest_step()
@@ -319,8 +345,8 @@ def export(run: str | os.PathLike, out: str | os.PathLike) -> pathlib.Path:
     from ov_jax.loading import checkpoint_config
     from ov_jax.model import _is_converted
 
-    config = _read_run_config(pathlib.Path(run))
     _, params = latest_params(run)
+    config = _read_run_config(pathlib.Path(run))
     source = resolve_checkpoint(config.model)
     model_config = load_config(source) if _is_converted(source) else checkpoint_config(source)
     return exporting.save_pretrained(model_config, params, out, source=source)
