@@ -111,10 +111,8 @@ def stop_and_pad_ids(model_dir: pathlib.Path, config) -> tuple[list[int], int]:
 def run_make_tiny(args: argparse.Namespace) -> int:
     from ov_jax.tiny import make_tiny
 
-    out = pathlib.Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise UsageError(f"{out} already exists and is not an empty directory; pass --overwrite to write into it")
-    make_tiny(out, seed=args.seed, tie_word_embeddings=args.tied, dtype=args.dtype)
+    out = make_tiny(args.out, seed=args.seed, tie_word_embeddings=args.tied, dtype=args.dtype,
+                    overwrite=args.overwrite)
     print(f"wrote a tiny random-weight LLaVA-OneVision checkpoint to {out} (transformers layout, {args.dtype}"
           f"{', tied embeddings' if args.tied else ''}); its answers are random text")
     return EXIT_OK
@@ -396,7 +394,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     tiny.add_argument("--tied", action="store_true", help="tie lm_head to the embeddings (as the 0.5B)")
     tiny.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype in the file")
-    tiny.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    tiny.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier make-tiny output")
 
     from convert.convert_checkpoint import add_arguments
 

@@ -26,17 +26,18 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from ov_jax.checkpoint import _atomic_directory, copy_model_files
+from ov_jax.checkpoint import copy_model_files
 from ov_jax.config import OneVisionConfig
 from ov_jax.loading import SAFETENSORS_INDEX, checkpoint_keys, resolve_load_dtype, saved_key
-from ov_jax.modeling.nnx_modules import check_tree
-from ov_jax.params import Params
+from ov_jax.outputs import atomic_output_dir
+from ov_jax.params import Params, check_tree
 from ov_jax.presets import to_hf_dict
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 SHARD_PATTERN = "model{suffix}.safetensors"  # transformers' SAFE_WEIGHTS_NAME with the shard suffix slot
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5.24 save_pretrained's default
+EXPORT_KIND = "export"  # the output kind recorded in the directory's marker (ov_jax.outputs)
 
 
 def _flat(tree: Params) -> dict[tuple[str, ...], Any]:
@@ -82,23 +83,9 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _claim_output(directory: str | os.PathLike, source: Path | None) -> bool:
-    """Refuse an existing non-empty ``directory`` (and so the source); True when it is an empty directory."""
-    directory = Path(directory)
-    if source is not None and directory.resolve() == source.resolve():
-        raise FileExistsError(f"output directory {directory} is the checkpoint the model was loaded from")
-    if not directory.exists():
-        return False
-    if not directory.is_dir():
-        raise FileExistsError(f"output path {directory} exists and is not a directory")
-    if any(directory.iterdir()):
-        raise FileExistsError(f"output directory {directory} exists and is not empty; choose a new directory")
-    return True
-
-
 def save_pretrained(config: OneVisionConfig, params: Params, directory: str | os.PathLike, *,
                     source: str | os.PathLike | None = None, dtype: Any = None,
-                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False) -> Path:
     """Write ``params`` as a checkpoint that transformers' ``LlavaOnevisionForConditionalGeneration`` and
     ``AutoProcessor.from_pretrained`` load; returns the absolute output directory.
 
@@ -108,14 +95,15 @@ def save_pretrained(config: OneVisionConfig, params: Params, directory: str | os
     (default: the params' own). ``max_shard_size``: bytes or a size string ("5GB"); a larger model is
     split into shards with an index, as transformers splits it.
 
-    ``directory`` must not exist or be an empty directory (``FileExistsError`` otherwise); nothing is
-    visible there until every file is written. Raises ``ValueError`` for params that do not match ``config``.
+    ``directory`` goes through :func:`ov_jax.outputs.atomic_output_dir` (kind ``"export"``): it must be new,
+    empty, or (with ``overwrite``) an earlier export holding nothing else, and never ``source`` or a directory
+    holding it (:class:`~ov_jax.outputs.OutputPathError` / ``FileExistsError`` otherwise); nothing is visible
+    there until every file is written. Raises ``ValueError`` for params that do not match ``config``.
     """
     from huggingface_hub import split_state_dict_into_shards_factory
 
     source = None if source is None else Path(source)
     check_tree(params, config)
-    replace_empty = _claim_output(directory, source)
     cast = None if dtype is None else resolve_load_dtype(dtype)
     leaves = _flat(params)
     file_dtypes = {path: cast or np.dtype(leaf.dtype) for path, leaf in leaves.items()}
@@ -126,7 +114,8 @@ def save_pretrained(config: OneVisionConfig, params: Params, directory: str | os
                                                  filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_size)
     written = np.result_type(*file_dtypes.values())
     tensors = iter_hf_tensors(config, params, cast)  # same order as `sizes`, so shards take consecutive runs
-    with _atomic_directory(directory, overwrite=replace_empty) as tmp:
+    with atomic_output_dir(directory, kind=EXPORT_KIND, overwrite=overwrite,
+                           sources=[source] if source else []) as tmp:
         for file, names in split.filename_to_tensors.items():
             shard = {name: np.ascontiguousarray(array) for name, array in itertools.islice(tensors, len(names))}
             save_file(shard, str(tmp / file), metadata={"format": "pt"})
@@ -140,4 +129,4 @@ def save_pretrained(config: OneVisionConfig, params: Params, directory: str | os
         _write_json(tmp / CONFIG_FILE, to_hf_dict(config.replace(dtype=np.dtype(written).name)))
         if not (tmp / GENERATION_CONFIG_FILE).exists():
             _write_json(tmp / GENERATION_CONFIG_FILE, _generation_config(config))
-    return Path(directory).absolute()
+    return Path(os.path.realpath(directory))

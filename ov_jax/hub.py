@@ -1,4 +1,5 @@
-"""Resolve a checkpoint argument (local directory or Hugging Face Hub id) to a local directory.
+"""Resolve a checkpoint argument (local directory or Hugging Face Hub id) to a local directory, and name the
+files inside it.
 
 The processor and the model loader both call :func:`resolve_checkpoint`, so a hub id is downloaded (or found
 in the Hugging Face cache) the same way everywhere. Offline use (``HF_HUB_OFFLINE=1`` or no network) works
@@ -10,6 +11,39 @@ from __future__ import annotations
 import os
 import pathlib
 from typing import Sequence
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory cannot be read into the params tree (every problem is listed)."""
+
+
+def _allowed_roots(directory: pathlib.Path) -> tuple[pathlib.Path, ...]:
+    """Where the files of ``directory`` (resolved) may live: itself, and for a Hugging Face cache snapshot
+    (``.../snapshots/<revision>``, whose files link to ``../../blobs/<hash>``) that repository's blobs."""
+    if directory.parent.name == "snapshots":
+        return directory, directory.parent.parent / "blobs"
+    return (directory,)
+
+
+def checkpoint_file(directory: str | os.PathLike, name: str) -> pathlib.Path:
+    """``directory / name``, refusing a name or a symlink that leads outside the checkpoint directory.
+
+    ``name`` must be relative without ``..`` parts; the file (which need not exist) must resolve inside
+    ``directory`` (or, for a Hugging Face cache snapshot, inside that repository's ``blobs``). Raises
+    :class:`CheckpointError` naming the file otherwise, so a checkpoint can only make us read its own files.
+    """
+    directory = pathlib.Path(directory)
+    parts = pathlib.PurePosixPath(name.replace("\\", "/")).parts
+    if not parts or os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts:
+        raise CheckpointError(f"checkpoint {directory} names the file {name!r}, which is outside the checkpoint "
+                              "directory (only plain relative names are read)")
+    path = directory.joinpath(*parts)
+    roots = _allowed_roots(pathlib.Path(os.path.realpath(directory)))
+    target = pathlib.Path(os.path.realpath(path))
+    if not any(target == root or root in target.parents for root in roots):
+        raise CheckpointError(f"checkpoint file {path} is a link to {target}, outside the checkpoint directory; "
+                              "it is not read")
+    return path
 
 
 def _looks_like_local_path(path_or_id: str) -> bool:

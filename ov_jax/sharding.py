@@ -343,12 +343,19 @@ def kv_cache_shardings(config: OneVisionConfig, mesh: Mesh, batch: int, length: 
     raise ValueError(f"unknown cache layout {layout!r}; expected 'scanned' or 'unrolled'")
 
 
-def constrain(x: jax.Array, mesh: Mesh | None, kind: str | Sequence[str | None],
+def constrain(x: jax.Array, mesh: Mesh | AbstractMesh | None, kind: str | Sequence[str | None],
               rules: Mapping[str, Sequence[str]] | None = None) -> jax.Array:
     """``with_sharding_constraint`` by logical names inside jit; a no-op without a mesh."""
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, activation_sharding(mesh, kind, x.shape, rules))
+
+
+def active_mesh() -> AbstractMesh | None:
+    """The mesh made current with ``jax.set_mesh`` (as an abstract mesh), or None: the model's activation
+    constraints (:func:`constrain`) apply only under one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
 
 
 def axis_multiple(mesh: Mesh | None, logical: str, rules: Mapping[str, Sequence[str]] | None = None) -> int:

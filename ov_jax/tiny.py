@@ -26,6 +26,7 @@ import numpy as np
 from ov_jax.config import DEFAULT_PINPOINTS, OneVisionConfig, config_from_hf_dict
 from ov_jax.export import hf_state_dict
 from ov_jax.loading import KEY_TABLE, checkpoint_keys, set_path
+from ov_jax.outputs import atomic_output_dir
 from ov_jax.params import Params, is_spec, param_specs
 
 TRANSFORMERS_VERSION = "5.24.0"
@@ -34,6 +35,7 @@ MAX_BPE_MERGES = 400  # the corpus yields ~340 merges of frequency ≥ 2
 VOCAB_MULTIPLE = 64
 NUM_IMAGE_TOKENS = 729  # (384 // 14) ** 2 for the base tile, as the hub processor_config.json says
 DTYPES = ("float32", "bfloat16", "float16")
+OUTPUT_KIND = "make-tiny"  # the `ov_jax.outputs` marker kind of its output directories
 QK_GAIN = 2.0  # q and k each scaled ⇒ score std ≈ QK_GAIN², so softmax is far from uniform
 EMBED_STD = 0.4  # embeddings and lm_head: logits std ≈ EMBED_STD·sqrt(hidden) ≈ 3, tied or not
 
@@ -266,16 +268,15 @@ def _video_processor_config() -> dict[str, Any]:
 
 def make_tiny(out_dir, *, seed: int = 0, tie_word_embeddings: bool = False, vision_feature_layer=-1,
               vision_aspect_ratio: str = "anyres_max_9", image_grid_pinpoints=None, dtype: str = "float32",
-              text_overrides: dict[str, Any] | None = None, vision_overrides: dict[str, Any] | None = None
-              ) -> pathlib.Path:
+              text_overrides: dict[str, Any] | None = None, vision_overrides: dict[str, Any] | None = None,
+              overwrite: bool = False) -> pathlib.Path:
     """Write a small random-weight LLaVA-OneVision checkpoint (transformers 5.24 layout) into ``out_dir``.
 
     ``text_overrides`` / ``vision_overrides`` replace entries of ``TEXT_SIZES`` / ``VISION_SIZES``
     (e.g. ``{"num_hidden_layers": 4}``); ``vocab_size`` may be overridden but never below the tokenizer.
-    Returns the output directory.
+    ``out_dir`` must be new, empty, or (with ``overwrite``) an earlier make-tiny output, which is replaced
+    whole; the write is atomic (`ov_jax.outputs.atomic_output_dir`). Returns the output directory.
     """
-    from safetensors.numpy import save_file
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
     text, vision = dict(TEXT_SIZES), dict(VISION_SIZES)
@@ -292,13 +293,21 @@ def make_tiny(out_dir, *, seed: int = 0, tie_word_embeddings: bool = False, visi
     if text["vocab_size"] < tokenizer.get_vocab_size():
         raise ValueError(f"vocab_size {text['vocab_size']} is smaller than the tokenizer ({tokenizer.get_vocab_size()})")
 
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     hf_config = _hf_config(text, vision, ids, tie_word_embeddings=tie_word_embeddings,
                            vision_feature_layer=vision_feature_layer, vision_aspect_ratio=vision_aspect_ratio,
                            pinpoints=pinpoints, dtype=dtype)
     config = config_from_hf_dict(hf_config)
     tensors = hf_state_dict(config, random_params(config, seed=seed))
+    with atomic_output_dir(out_dir, kind=OUTPUT_KIND, overwrite=overwrite) as out:
+        _write_files(out, tokenizer, ids, tensors, hf_config, pinpoints=pinpoints,
+                     vision_aspect_ratio=vision_aspect_ratio, dtype=dtype)
+    return pathlib.Path(out_dir)
+
+
+def _write_files(out: pathlib.Path, tokenizer, ids: dict[str, int], tensors: dict[str, np.ndarray],
+                 hf_config: dict[str, Any], *, pinpoints, vision_aspect_ratio: str, dtype: str) -> None:
+    from safetensors.numpy import save_file
+
     save_file({k: np.ascontiguousarray(_cast(v, dtype)) for k, v in tensors.items()},
               str(out / "model.safetensors"), metadata={"format": "pt"})
     _write_json(out / "config.json", hf_config)
@@ -314,4 +323,3 @@ def make_tiny(out_dir, *, seed: int = 0, tie_word_embeddings: bool = False, visi
         "processor_class": "LlavaOnevisionProcessor", "video_token": "<video>",
         "vision_aspect_ratio": vision_aspect_ratio, "vision_feature_select_strategy": "full"})
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    return out

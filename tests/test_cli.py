@@ -340,7 +340,7 @@ def test_errors_after_loading_started_are_one_line(capsys, tiny_dir, tmp_path):
 
 
 def test_existing_outputs_are_refused(capsys, tiny_dir, converted_dir):
-    assert "already exists and is not an empty directory" in one_error_line(capsys, ["make-tiny", str(tiny_dir)])
+    assert "already exists (an earlier make-tiny output)" in one_error_line(capsys, ["make-tiny", str(tiny_dir)])
     assert "already exists" in one_error_line(capsys, ["convert", str(tiny_dir), str(converted_dir), "--no-progress"])
 
 

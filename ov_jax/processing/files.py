@@ -13,6 +13,8 @@ import json
 import pathlib
 from typing import Any
 
+from ov_jax.hub import checkpoint_file
+
 PROCESSOR_FILE = "processor_config.json"
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 VIDEO_PROCESSOR_FILE = "video_preprocessor_config.json"
@@ -35,7 +37,8 @@ class ProcessorFiles:
     chat_template: str | dict[str, str] | None
 
 
-def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
+def _read_json(directory: pathlib.Path, name: str) -> dict[str, Any] | None:
+    path = checkpoint_file(directory, name)
     if not path.is_file():
         return None
     try:
@@ -61,9 +64,9 @@ def _template_from_tokenizer_config(value: Any) -> str | dict[str, str] | None:
 def read_processor_files(directory: str | pathlib.Path) -> ProcessorFiles:
     """Parse every processor file in ``directory`` (nested sections take priority over separate files)."""
     directory = pathlib.Path(directory)
-    processor = _read_json(directory / PROCESSOR_FILE) or {}
-    image_file = _read_json(directory / IMAGE_PROCESSOR_FILE)
-    video_file = _read_json(directory / VIDEO_PROCESSOR_FILE)
+    processor = _read_json(directory, PROCESSOR_FILE) or {}
+    image_file = _read_json(directory, IMAGE_PROCESSOR_FILE)
+    video_file = _read_json(directory, VIDEO_PROCESSOR_FILE)
     image_processor = processor.pop("image_processor", None) or image_file
     if image_processor is None:
         raise FileNotFoundError(
@@ -72,16 +75,17 @@ def read_processor_files(directory: str | pathlib.Path) -> ProcessorFiles:
         )
     # transformers falls back to the image processor file for the video processor.
     video_processor = processor.pop("video_processor", None) or video_file or image_file or image_processor
-    tokenizer_config = _read_json(directory / TOKENIZER_CONFIG_FILE) or {}
+    tokenizer_config = _read_json(directory, TOKENIZER_CONFIG_FILE) or {}
 
     chat_template: str | dict[str, str] | None = processor.pop("chat_template", None)
     if chat_template is None:
-        template_json = _read_json(directory / CHAT_TEMPLATE_JSON)
-        named = {p.stem: p.read_text(encoding="utf-8") for p in sorted((directory / CHAT_TEMPLATE_DIR).glob("*.jinja"))}
+        template_json = _read_json(directory, CHAT_TEMPLATE_JSON)
+        named = {p.stem: checkpoint_file(directory, f"{CHAT_TEMPLATE_DIR}/{p.name}").read_text(encoding="utf-8")
+                 for p in sorted(checkpoint_file(directory, CHAT_TEMPLATE_DIR).glob("*.jinja"))}
         if template_json is not None:
             chat_template = template_json.get("chat_template")
         else:
-            if (directory / CHAT_TEMPLATE_JINJA).is_file():
+            if checkpoint_file(directory, CHAT_TEMPLATE_JINJA).is_file():
                 named["default"] = (directory / CHAT_TEMPLATE_JINJA).read_text(encoding="utf-8")
             chat_template = (named["default"] if list(named) == ["default"] else named) or None
     if chat_template is None:
