@@ -22,7 +22,7 @@ import pathlib
 import subprocess
 import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
 ASSETS = pathlib.Path(__file__).parent / "assets"
@@ -78,31 +78,6 @@ def check_video(path: str) -> str:
     except av.FFmpegError as err:
         raise UsageError(f"cannot read video {path!r}: {err}") from None
     return path
-
-
-def conversation(prompt: str, images: Sequence[Any] = (), video: str | None = None) -> list[dict]:
-    """One user turn holding the images, then the video, then the text (the chat template's order)."""
-    content: list[dict] = [{"type": "image", "image": image} for image in images]
-    if video is not None:
-        content.append({"type": "video", "video": video})
-    content.append({"type": "text", "text": prompt})
-    return [{"role": "user", "content": content}]
-
-
-def stop_and_pad_ids(model_dir: pathlib.Path, config) -> tuple[list[int], int]:
-    """Stop ids and pad id as transformers' ``generate`` takes them: generation_config.json, then the config."""
-    import json
-
-    generation = {}
-    try:
-        generation = json.loads((model_dir / "generation_config.json").read_text())
-    except (OSError, ValueError):
-        pass
-    eos = generation.get("eos_token_id", config.text.eos_token_id)
-    stops = [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None]
-    pad = generation.get("pad_token_id", config.text.pad_token_id)
-    pad = pad[0] if isinstance(pad, (list, tuple)) else pad
-    return stops, int(stops[0] if pad is None else pad)
 
 
 # ----------------------------------------------------------------------------------------- make-tiny
@@ -224,7 +199,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
     model_dir = resolve_checkpoint(args.model)
 
+    from ov_jax.config import stop_and_pad_ids
     from ov_jax.model import LlavaOnevision
+    from ov_jax.processing.chat import single_turn
     from ov_jax.processing.processor import LlavaOnevisionProcessor
 
     with _steps_bar(3, "loading") as bar:
@@ -233,7 +210,7 @@ def run_generate(args: argparse.Namespace) -> int:
         bar.update()
         bar.set_postfix_str("images and video")
         frames = {"num_frames": args.num_frames} if args.video is not None else {}
-        inputs = processor.apply_chat_template(conversation(args.prompt, images, args.video),
+        inputs = processor.apply_chat_template(single_turn(args.prompt, images, args.video),
                                                add_generation_prompt=True, tokenize=True, return_dict=True, **frames)
         bar.update()
         bar.set_postfix_str(f"weights ({args.dtype}{'' if mesh is None else ', mesh ' + args.mesh})")

@@ -160,8 +160,8 @@ def compare(model: str | os.PathLike, *, jax_model: str | os.PathLike | None = N
     from tqdm.auto import tqdm
 
     from ov_jax.checkpoint import is_orbax_checkpoint
-    from ov_jax.cli import conversation
     from ov_jax.hub import resolve_checkpoint
+    from ov_jax.processing.chat import single_turn
 
     if dtype not in DEFAULT_TOLERANCE:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DEFAULT_TOLERANCE)}")
@@ -187,7 +187,7 @@ def compare(model: str | os.PathLike, *, jax_model: str | os.PathLike | None = N
             bar.set_postfix_str(label)
 
         try:
-            stages, inputs = _run_stages(path, jax_path, conversation(prompt, images, video), video, num_frames,
+            stages, inputs = _run_stages(path, jax_path, single_turn(prompt, images, video), video, num_frames,
                                          dtype, tolerance, max_new_tokens, step)
         finally:
             if hf_bars:
@@ -209,6 +209,7 @@ def _run_stages(path, jax_path, messages, video, num_frames, dtype, tolerance, m
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     ref = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
     step("loading ov_jax")
+    from ov_jax.config import stop_and_pad_ids
     from ov_jax.model import LlavaOnevision
 
     ours = LlavaOnevision.from_pretrained(jax_path, dtype=dtype)
@@ -225,8 +226,6 @@ def _run_stages(path, jax_path, messages, video, num_frames, dtype, tolerance, m
         stages.append(_numeric_stage("logits", ours_logits, ref_logits, tolerance, top1=True))
         step("greedy tokens")
         if max_new_tokens > 0:
-            from ov_jax.cli import stop_and_pad_ids
-
             stop_ids, pad_id = stop_and_pad_ids(path, ours.config)
             stages.append(_compare_tokens(ref, ours, inputs, torch_inputs, max_new_tokens, stop_ids, pad_id, tolerance))
     return stages, inputs

@@ -58,7 +58,7 @@ class ParamSpec:
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
-    """LoRA adapters: ``rank`` r, ``alpha`` (the update is scaled by alpha / r) and ``targets``, a regular
+    r"""LoRA adapters: ``rank`` r, ``alpha`` (the update is scaled by alpha / r) and ``targets``, a regular
     expression that must match the whole dotted path of a weight dict (``re.fullmatch``), e.g.
     ``r"text\.layers\.(q|k|v|o|gate|up|down)"`` for every linear of the language model."""
 

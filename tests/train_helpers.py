@@ -41,7 +41,7 @@ def mixed_batch(config, rng, *, padding: str = "left", rows=("image", "multi", "
         inputs["image_sizes"] = np.array(sizes)
         inputs["batch_num_images"] = np.array([{"image": 1, "multi": 2}.get(r, 0) for r in rows])
     if "video" in rows:
-        inputs["pixel_values_videos"] = rng.standard_normal((1, 2, 3, 384, 384)).astype(np.float32)
+        inputs["pixel_values_videos"] = rng.standard_normal((rows.count("video"), 2, 3, 384, 384)).astype(np.float32)
     return inputs, labels
 
 

@@ -244,3 +244,12 @@ def render_with_generation_spans(source: str, conversation: Sequence[Mapping], *
     finally:
         _GENERATION_TRACKER.reset(token)
     return "".join(blocks), spans
+
+
+def single_turn(prompt: str, images: Sequence[Any] = (), video: Any = None) -> list[dict]:
+    """One user turn holding the images, then the video, then the text (the chat template's order)."""
+    content: list[dict] = [{"type": "image", "image": image} for image in images]
+    if video is not None:
+        content.append({"type": "video", "video": video})
+    content.append({"type": "text", "text": prompt})
+    return [{"role": "user", "content": content}]

@@ -148,13 +148,14 @@ class TrainStep:
         return jax.tree_util.tree_map_with_path(lambda p, _: flat.get(freezing.path_name(p), replicated), params)
 
     def init(self, params: dict, seed: int = 0) -> TrainState:
-        """A fresh state at step 0 (params as given, cast to float32 master weights)."""
+        """A fresh state at step 0 holding a float32 copy of ``params`` (the master weights; steps donate the
+        state, so the caller's arrays are never consumed)."""
         mask = self.trainable_mask(params)
         if self.log is not None:
             self.log(freezing.trainable_table(params, mask))
         if not any(jax.tree.leaves(mask)):
             raise freezing.FreezeError("every parameter is frozen: nothing would train")
-        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+        params = jax.tree.map(lambda x: jnp.array(x, jnp.float32), params)
         rng = jax.random.PRNGKey(seed)
         if self.mesh is None:
             opt_state = jax.jit(self.optimizer.init)(freezing.select(params, mask))
@@ -181,7 +182,7 @@ class TrainStep:
         updates, opt_state = self.optimizer.update(grads, state.opt_state, trainable)
         params = freezing.merge(state.params, optax.apply_updates(trainable, updates))
         rng, _ = jax.random.split(state.rng)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": tokens}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
         return TrainState(state.step + 1, params, opt_state, rng), metrics
 
     def _batch_shardings(self, batches: Batch) -> Any:
