@@ -5,7 +5,7 @@
     ov-jax generate --model M [--image P ...] [--video P --num-frames N] --prompt TEXT [...]
     ov-jax compare --model M [--image P ...] [--video P] [--prompt TEXT] [--dtype D] [--tolerance X]
     ov-jax batch --model M --input requests.jsonl --output answers.jsonl [--mesh ...]
-    ov-jax finetune --model M --data train.jsonl --output RUN [--steps N --batch-size B ...] [--resume]
+    ov-jax finetune --model M --data train.jsonl --output RUN [--lora-rank R] [--steps N ...] [--resume]
     ov-jax export RUN OUT
     ov-jax bench [-- benchmark options ...]
 
@@ -286,8 +286,8 @@ def run_batch(args: argparse.Namespace) -> int:
 
 
 FINETUNE_SETTINGS = ("model", "data", "media_root", "steps", "batch_size", "grad_accum", "learning_rate", "warmup",
-                     "weight_decay", "freeze", "max_length", "num_frames", "packing", "mesh", "compute_dtype", "seed",
-                     "save_every", "keep")
+                     "weight_decay", "freeze", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout",
+                     "max_length", "num_frames", "packing", "mesh", "compute_dtype", "seed", "save_every", "keep")
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -320,6 +320,13 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--media-root", help="folder relative media paths start from (default: the jsonl's)")
     parser.add_argument("--freeze", help="comma-separated presets (vision_tower, projector, language_model, "
                                          "image_newline) or regexes over params paths")
+    parser.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of the weights")
+    parser.add_argument("--lora-alpha", type=float, help="LoRA alpha: updates scaled by alpha / rank (default 16)")
+    parser.add_argument("--lora-targets", metavar="REGEX",
+                        help="weights that get adapters: comma-separated presets (language_model, projector, "
+                             "vision_tower) or regexes over weight paths such as text\\.layers\\.(q|v) "
+                             "(default language_model)")
+    parser.add_argument("--lora-dropout", type=float, help="dropout on the adapters' inputs (default 0)")
     parser.add_argument("--steps", type=int, help="optimizer steps (default 100)")
     parser.add_argument("--batch-size", type=int, help="rows per micro-batch (default 1)")
     parser.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")

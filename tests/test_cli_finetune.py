@@ -1,5 +1,6 @@
-"""``ov-jax finetune`` and ``ov-jax export`` in subprocesses: a 3-step run on the tiny checkpoint with an image,
-a video and a text sample, its export loaded by transformers, and every bad argument as one ``error:`` line."""
+"""``ov-jax finetune`` and ``ov-jax export`` in subprocesses: a 3-step LoRA run on the tiny checkpoint with an
+image, a video and a text sample, its export (adapters merged) loaded by transformers, and every bad argument as
+one ``error:`` line."""
 
 import json
 import os
@@ -46,18 +47,20 @@ def folder(tmp_path_factory):
     return folder
 
 
-def test_finetune_then_export_loads_in_transformers(tiny_ckpt, folder, env):
+def test_lora_finetune_then_export_loads_in_transformers(tiny_ckpt, folder, env):
     import torch
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from ov_jax import export
     from ov_jax.loading import checkpoint_config
+    from ov_jax.nn.lora import merge_lora
     from ov_jax.train import runs
 
     # batch 3 holds every sample, so all 3 steps share one shape (one compile)
     result = ov_jax("finetune", "--model", tiny_ckpt, "--data", "train.jsonl", "--output", "run", "--steps", 3,
                     "--batch-size", 3, "--learning-rate", 1e-2, "--max-length", 2048, "--num-frames", 2,
-                    "--freeze", "vision_tower", "--save-every", 2, cwd=folder, env=env)
+                    "--lora-rank", 4, "--lora-alpha", 8, "--lora-targets", r"text\.layers\.(q|v)", "--save-every", 2,
+                    cwd=folder, env=env)
     assert result.returncode == 0, result.stderr
     assert "step 3, loss" in result.stdout
     records = runs.read_metrics(folder / "run")
@@ -70,7 +73,8 @@ def test_finetune_then_export_loads_in_transformers(tiny_ckpt, folder, env):
                                                                          output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
     step, params = runs.latest_params(folder / "run")
-    expected = export.hf_state_dict(checkpoint_config(tiny_ckpt), params)
+    assert params["text"]["layers"]["q"]["lora_a"].shape[-1] == 4
+    expected = export.hf_state_dict(checkpoint_config(tiny_ckpt), merge_lora(params))
     written = load_file(folder / "exported" / "model.safetensors")
     assert step == 3 and set(written) == set(expected)
     for name, array in expected.items():
@@ -78,10 +82,13 @@ def test_finetune_then_export_loads_in_transformers(tiny_ckpt, folder, env):
     np.testing.assert_array_equal(model.state_dict()["lm_head.weight"].numpy(),
                                   expected["language_model.lm_head.weight"])
     base = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_ckpt).state_dict()
-    name = "model.language_model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(base[name], model.state_dict()[name])  # trained
-    name = "model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"
-    assert torch.equal(base[name], model.state_dict()[name])  # frozen
+    for layer in ("language_model.layers.1.self_attn.q_proj", "language_model.layers.0.self_attn.v_proj"):
+        name = f"model.{layer}.weight"
+        assert not torch.equal(base[name], model.state_dict()[name])  # adapter merged in
+    for layer in ("language_model.layers.0.self_attn.k_proj", "language_model.layers.0.mlp.up_proj",
+                  "vision_tower.encoder.layers.0.self_attn.q_proj", "multi_modal_projector.linear_1"):
+        name = f"model.{layer}.weight"
+        assert torch.equal(base[name], model.state_dict()[name])  # no adapter: the base weights
 
 
 @pytest.mark.parametrize("args, message", [
@@ -95,6 +102,10 @@ def test_finetune_then_export_loads_in_transformers(tiny_ckpt, folder, env):
     (["--model", "{tiny}", "--data", "train.jsonl", "--output", "r", "--freeze", "nothing_matches_this"],
      "nothing_matches_this"),
     (["--model", "{tiny}", "--data", "train.jsonl", "--output", "mine"], "holding other files"),
+    (["--model", "{tiny}", "--data", "train.jsonl", "--output", "r", "--lora-rank", "0"], "LoRA rank"),
+    (["--model", "{tiny}", "--data", "train.jsonl", "--output", "r", "--lora-targets", "q"], "need lora_rank"),
+    (["--model", "{tiny}", "--data", "train.jsonl", "--output", "r", "--lora-rank", "2", "--lora-targets", "nope"],
+     "nope"),
     (["--output", "mine", "--resume"], "not a fine-tuning run directory"),
 ])
 def test_bad_finetune_arguments_are_one_error_line(tiny_ckpt, folder, env, args, message):

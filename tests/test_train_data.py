@@ -225,3 +225,10 @@ def test_grain_order_is_seeded_and_resumable(processor, config, folder):
     _, state = first_ids(0, 3)
     resumed, _ = first_ids(0, 5, state)
     assert all(np.array_equal(a, b) for a, b in zip(run[3:], resumed))
+
+
+def test_a_training_template_must_render_the_checkpoint_text(processor, folder):
+    path = write_jsonl(folder / "template.jsonl", TEXT_ONLY[:1])
+    other = "{% for m in messages %}{% generation %}{{ m['role'] }}{% endgeneration %}{% endfor %}"
+    with pytest.raises(data.DataError, match=r"template\.jsonl:1: the training chat template renders different"):
+        data.scan(path, processor, max_length=512, chat_template=other)

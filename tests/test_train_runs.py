@@ -105,3 +105,15 @@ def test_run_directory_rules(tiny_ckpt, train_file, straight, tmp_path):
                       progress=False, log=None)
     done = runs.finetune(straight.directory, resume=True, progress=False, log=None)
     assert done.metrics == [] and len(runs.read_metrics(straight.directory)) == 6
+
+
+def test_packed_rows_give_the_loss_of_separate_rows(tiny_ckpt, train_file, tmp_path):
+    """One row packing all 5 samples (segment ids, positions restarting) = 5 rows of one sample each."""
+    separate = runs.finetune(tmp_path / "separate", settings(tiny_ckpt, train_file, steps=1, warmup=0,
+                                                             batch_size=5), progress=False, log=None)
+    packed = runs.finetune(tmp_path / "packed", settings(tiny_ckpt, train_file, steps=1, warmup=0, batch_size=1,
+                                                         max_length=256, packing=True), progress=False, log=None)
+    assert packed.metrics[0]["samples"] == separate.metrics[0]["samples"] == 5
+    assert packed.metrics[0]["tokens"] == separate.metrics[0]["tokens"]
+    np.testing.assert_allclose(packed.metrics[0]["loss"], separate.metrics[0]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(packed.metrics[0]["grad_norm"], separate.metrics[0]["grad_norm"], rtol=1e-4)

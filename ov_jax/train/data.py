@@ -22,6 +22,7 @@ import json
 import math
 import os
 import pathlib
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -33,6 +34,7 @@ from ov_jax.processing.image import load_image
 
 IGNORE_INDEX = -100
 REMOTE_PREFIXES = ("http://", "https://", "data:")
+BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
 
 # The llava-hf OneVision template with generation blocks around each assistant turn's text and <|im_end|>;
 # it renders exactly the text of the original (tests/test_train_data.py checks both).
@@ -153,13 +155,16 @@ def _normalize_messages(messages: list, root: pathlib.Path) -> list[dict]:
 
 
 def _resolve(source: str, root: pathlib.Path, kind: str) -> str:
-    if source.startswith(REMOTE_PREFIXES) or (kind == "image" and len(source) >= 64 and "/" not in source[:64]
-                                              and not os.path.exists(root / source)):
-        return source  # URL, data URI or base64: the image loader takes it as it is
-    resolved = (root / source) if not os.path.isabs(source) else pathlib.Path(source)
-    if not resolved.is_file():
-        raise ValueError(f"{kind} file {str(resolved)!r} does not exist")
-    return str(resolved)
+    """A local path made absolute (relative ones start at ``root``) and checked; URLs, data URIs and (images)
+    base64 text are kept as they are for the processor's loaders."""
+    if source.startswith(REMOTE_PREFIXES):
+        return source
+    resolved = root / source  # an absolute ``source`` stays itself
+    if resolved.is_file():
+        return str(resolved)
+    if kind == "image" and len(source) >= 64 and BASE64.fullmatch(source):
+        return source
+    raise ValueError(f"{kind} file {str(resolved)!r} does not exist")
 
 
 # ------------------------------------------------------------------------------------- tokenization
@@ -218,10 +223,9 @@ def scan(path: str | os.PathLike, processor, *, max_length: int, num_frames: int
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     examples, skipped = [], []
-    for index, (line, messages) in enumerate(read_jsonl(path, media_root)):
+    for line, messages in read_jsonl(path, media_root):
         where = f"{path}:{line}"
-        if index == 0:
-            check_template(processor, chat_template, messages, where)
+        check_template(processor, chat_template, messages, where)
         try:
             rendered = _render(processor, messages, chat_template)
             sizes = [load_image(source).size[::-1] for source in rendered.images]
@@ -281,11 +285,11 @@ def encode(processor, example: Example, *, num_frames: int = 8, chat_template: s
 class BatchSpec:
     """How samples become batches.
 
-    ``batch_size`` rows per batch (a short final group is filled with empty rows); rows are ``max_length``
-    tokens at most and padded to the smallest of ``length_buckets`` that fits (default: powers of two from 64,
-    and ``max_length``); the vision tower's batch (tiles + frames) is padded to 0 or a power of two. With
-    ``packing``, several samples share a row (first-fit by length), each its own segment: ``segment_ids``
-    1, 2, ... (0 = padding) and positions restarting at 0 in every segment.
+    ``batch_size`` rows per batch (fewer rows given to :func:`collate` are filled with empty ones); rows are
+    ``max_length`` tokens at most and padded to the smallest of ``length_buckets`` that fits (default: powers
+    of two from 64, and ``max_length``); the vision tower's batch (tiles + frames) is padded to 0 or a power of
+    two. With ``packing``, several samples share a row (first-fit by length), each its own segment:
+    ``segment_ids`` 1, 2, ... (0 = padding) and positions restarting at 0 in every segment.
     """
 
     batch_size: int
@@ -428,8 +432,8 @@ def make_batches(dataset: Dataset, processor, config: OneVisionConfig, spec: Bat
         return join_segments([encode(processor, dataset.examples[i], num_frames=num_frames,
                                      chat_template=chat_template, path=dataset.path) for i in row])
 
-    return (grain.MapDataset.source(rows).seed(seed).shuffle().repeat()
-            .map(encode_row).batch(spec.batch_size, batch_fn=lambda group: collate(group, spec, config, pad_id)))
+    return (grain.MapDataset.source(rows).seed(seed).shuffle().repeat().map(encode_row)
+            .batch(spec.batch_size, drop_remainder=True, batch_fn=lambda group: collate(group, spec, config, pad_id)))
 
 
 def iterate(batches, state: Mapping[str, Any] | None = None, *, num_threads: int = 2, prefetch: int = 2):

@@ -48,6 +48,9 @@ class RunConfig:
     rows per micro-batch; grad_accum: micro-batches per step; learning_rate / warmup: AdamW peak rate and
     linear warm-up steps before the cosine decay to 0 at ``steps``; weight_decay, max_grad_norm: AdamW decay
     and global-norm clipping. freeze: presets or regexes over params paths (`ov_jax.train.freeze`).
+    lora_rank / lora_alpha / lora_targets / lora_dropout: train LoRA adapters of that rank (update scaled by
+    alpha / rank) on ``lora_targets`` (presets ``language_model``, ``projector``, ``vision_tower`` or regexes
+    over weight paths, `ov_jax.train.lora`; default ``language_model``) and nothing else; export merges them.
     max_length: token budget per row (vision tokens included); num_frames: frames sampled per video;
     packing: several samples per row. mesh: device mesh spec (`ov_jax.sharding`); compute_dtype: activation
     dtype (params stay float32); seed: data order and RNG. save_every / keep: checkpoint interval and count.
@@ -64,6 +67,10 @@ class RunConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     freeze: str | None = None
+    lora_rank: int | None = None
+    lora_alpha: float = 16.0
+    lora_targets: str | None = None
+    lora_dropout: float = 0.0
     max_length: int = 4096
     num_frames: int = 8
     packing: bool = False
@@ -83,6 +90,17 @@ class RunConfig:
         if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
                 and self.learning_rate > 0):
             raise RunError(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
+        if self.lora_rank is not None:
+            from ov_jax.params import LoraSpec
+
+            try:
+                LoraSpec(self.lora_rank, self.lora_alpha, self.lora_targets or ".")
+            except (ValueError, TypeError) as err:
+                raise RunError(str(err)) from None
+        elif self.lora_targets is not None or self.lora_dropout:
+            raise RunError("lora_targets and lora_dropout need lora_rank")
+        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
+            raise RunError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise RunError(f"compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
 
@@ -248,9 +266,19 @@ def finetune(output: str | os.PathLike, config: RunConfig | None = None, *, resu
     transform = optimizer(config.learning_rate, warmup_steps=config.warmup, total_steps=config.steps,
                           weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
     schedule = lr_schedule(config.learning_rate, config.warmup, config.steps)
-    step_fn = make_train_step(model.config, transform, mesh=config.mesh, freeze=config.freeze,
-                              grad_accum=config.grad_accum, compute_dtype=config.compute_dtype, log=log)
-    state = step_fn.init(model.params, seed=config.seed)
+    params, lora = model.params, None
+    if config.lora_rank is not None:
+        from ov_jax.train.lora import add_lora
+
+        params, lora = add_lora(params, model.config, config.lora_rank, config.lora_alpha,
+                                config.lora_targets or "language_model", seed=config.seed)
+    step_fn = make_train_step(model.config, transform, mesh=config.mesh, freeze=config.freeze, lora=lora,
+                              lora_dropout=config.lora_dropout, grad_accum=config.grad_accum,
+                              compute_dtype=config.compute_dtype, log=log)
+    state = step_fn.init(params, seed=config.seed)
+    del params
+    if config.mesh is None:  # committed like the step's outputs, so the second step does not compile again
+        state = jax.device_put(state, jax.devices()[0])
     del model
     if not resume:  # every setting has been checked: only now is the run directory created
         directory, _ = open_run(output, config, overwrite=overwrite)
@@ -338,7 +366,8 @@ def latest_params(directory: str | os.PathLike) -> tuple[int, dict]:
 
 def export(run: str | os.PathLike, out: str | os.PathLike) -> pathlib.Path:
     """Write the run's latest params as a transformers checkpoint (`ov_jax.export.save_pretrained`, with the
-    base model's tokenizer, processor and chat template files). Returns the output directory."""
+    base model's tokenizer, processor and chat template files), LoRA adapters merged into their kernels.
+    Returns the output directory."""
     from ov_jax import export as exporting
     from ov_jax.config import load_config
     from ov_jax.hub import resolve_checkpoint
@@ -349,4 +378,6 @@ def export(run: str | os.PathLike, out: str | os.PathLike) -> pathlib.Path:
     config = _read_run_config(pathlib.Path(run))
     source = resolve_checkpoint(config.model)
     model_config = load_config(source) if _is_converted(source) else checkpoint_config(source)
-    return exporting.save_pretrained(model_config, params, out, source=source)
+    from ov_jax.nn.lora import merge_lora
+
+    return exporting.save_pretrained(model_config, merge_lora(params), out, source=source)
