@@ -344,19 +344,3 @@ def load_config(path: str | os.PathLike) -> OneVisionConfig:
     if "ov_jax" in d:  # our own converted checkpoints
         return OneVisionConfig.from_dict(d["ov_jax"])
     return config_from_hf_dict(d)
-
-
-def stop_and_pad_ids(model_dir: str | os.PathLike, config: OneVisionConfig) -> tuple[list[int], int]:
-    """Stop ids and pad id as transformers' ``generate`` takes them: the checkpoint's generation_config.json,
-    then ``config`` (the pad id defaults to the first stop id)."""
-    generation = {}
-    try:
-        with open(os.path.join(model_dir, "generation_config.json")) as f:
-            generation = json.load(f)
-    except (OSError, ValueError):
-        pass
-    eos = generation.get("eos_token_id", config.text.eos_token_id)
-    stops = [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None]
-    pad = generation.get("pad_token_id", config.text.pad_token_id)
-    pad = pad[0] if isinstance(pad, (list, tuple)) else pad
-    return stops, int(stops[0] if pad is None else pad)

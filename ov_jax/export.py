@@ -8,7 +8,8 @@ leaf and so is not written, as transformers does.
 
 :func:`save_pretrained` writes ``model.safetensors`` (or ``model-0000k-of-0000n.safetensors`` shards plus
 ``model.safetensors.index.json`` above ``max_shard_size``, split as transformers splits), ``config.json``,
-``generation_config.json`` and the tokenizer / processor / chat template files of the source checkpoint.
+``generation_config.json`` and the tokenizer / processor / chat template files of the source checkpoint;
+LoRA adapters are merged into the weights they adapt.
 Tensors are produced one layer at a time and written one shard at a time, so the host holds at most one
 shard beside the params. The directory appears only when complete.
 """
@@ -29,6 +30,7 @@ from safetensors.numpy import save_file
 from ov_jax.checkpoint import copy_model_files
 from ov_jax.config import OneVisionConfig
 from ov_jax.loading import SAFETENSORS_INDEX, checkpoint_keys, resolve_load_dtype, saved_key
+from ov_jax.nn.lora import merge_lora
 from ov_jax.outputs import atomic_output_dir
 from ov_jax.params import Params, check_tree
 from ov_jax.presets import to_hf_dict
@@ -89,6 +91,8 @@ def save_pretrained(config: OneVisionConfig, params: Params, directory: str | os
     """Write ``params`` as a checkpoint that transformers' ``LlavaOnevisionForConditionalGeneration`` and
     ``AutoProcessor.from_pretrained`` load; returns the absolute output directory.
 
+    ``params``: the params tree; LoRA adapters in it (`ov_jax.nn.lora`) are folded into their kernels first
+    (:func:`ov_jax.nn.lora.merge_lora`), so the checkpoint holds the merged weights.
     ``source``: the checkpoint directory the params came from; its non-weight files (tokenizer, processor,
     chat template, generation config) are copied. Without it (or when it has no generation_config.json),
     generation_config.json is derived from ``config``. ``dtype``: float32 / bfloat16 / float16 to cast to
@@ -103,6 +107,7 @@ def save_pretrained(config: OneVisionConfig, params: Params, directory: str | os
     from huggingface_hub import split_state_dict_into_shards_factory
 
     source = None if source is None else Path(source)
+    params = merge_lora(params)
     check_tree(params, config)
     cast = None if dtype is None else resolve_load_dtype(dtype)
     leaves = _flat(params)

@@ -18,6 +18,7 @@ from ov_jax.config import load_config
 from ov_jax.export import hf_state_dict, save_pretrained
 from ov_jax.loading import canonical_key, checkpoint_keys, load_params, saved_key
 from ov_jax.model import LlavaOnevision
+from ov_jax.nn.lora import LM_LINEARS, add_lora, merge_lora
 from ov_jax.outputs import MARKER, OutputPathError
 from ov_jax.params import random_params
 from ov_jax.presets import TINY
@@ -296,3 +297,46 @@ def test_tiny_checkpoints_are_written_through_hf_state_dict(tiny_ckpt):
         np.testing.assert_array_equal(state[key], file[key])
         digest.update(key.encode() + file[key].tobytes())
     assert digest.hexdigest()[:16] == TINY_WEIGHTS_SHA256_PREFIX
+
+
+def test_lora_adapters_are_merged_on_export(tiny_ckpt, tmp_path):
+    """Adapters on every weight kind (decoder, lm_head, projector, tower, patch embedding) after some training:
+    the export holds exactly merge_lora's weights, and transformers on it computes the adapted model."""
+    base = LlavaOnevision.from_pretrained(tiny_ckpt)
+    targets = LM_LINEARS + r"|text\.lm_head|projector\.linear_[12]|vision\.layers\.(q|o|fc1)|vision\.patch_embed"
+    with_lora, spec = add_lora(base.params, base.config, rank=4, alpha=8.0, targets=targets, seed=2)
+    rng = np.random.default_rng(5)
+    trained = jax.tree_util.tree_map_with_path(  # lora_b moved away from zero, as training does
+        lambda p, x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype) if "lora_b" in jax.tree_util.keystr(p)
+        else x, with_lora)
+    model = LlavaOnevision(base.config, trained, lora=spec)
+    model.source_dir = base.source_dir
+    out = model.save_pretrained(tmp_path / "out")
+    config, params = load_params(out)
+    assert config == base.config
+    assert_trees_equal(params, jax.tree.map(np.asarray, merge_lora(trained)))
+    processor = reference_processor(tiny_ckpt)
+    prompt = processor.apply_chat_template(CONVERSATION, add_generation_prompt=True)
+    batch = processor(images=_image(120, 150), text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        exact = _hf_model(out, dtype=torch.float64)(
+            **{k: v.double() if v.is_floating_point() else v for k, v in batch.items()}).logits.numpy()
+    inputs = {k: v.numpy() for k, v in batch.items()}
+    adapted, before = np.asarray(model(**inputs).logits), np.asarray(base(**inputs).logits)
+    assert np.abs(adapted - exact).max() <= TOL
+    assert np.abs(before - exact).max() > 1e-2  # the adapters change the model
+
+
+def test_export_of_a_converted_checkpoint_is_the_sources(tiny_ckpt, tmp_path):
+    """From an `ov-jax convert` directory: same weights and files as exporting the original, none of the
+    converted directory's own files (params/, checksums, our config section, output marker)."""
+    from ov_jax.checkpoint import convert
+
+    convert(tiny_ckpt, tmp_path / "converted", progress=False)
+    out = LlavaOnevision.from_pretrained(tmp_path / "converted").save_pretrained(tmp_path / "out")
+    direct = LlavaOnevision.from_pretrained(tiny_ckpt).save_pretrained(tmp_path / "direct")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in direct.iterdir())
+    for file in direct.iterdir():
+        if file.name != MARKER:
+            assert (out / file.name).read_bytes() == file.read_bytes(), file.name
+    assert "ov_jax" not in json.loads((out / "config.json").read_text())

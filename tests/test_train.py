@@ -7,7 +7,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from ov_jax import train  # noqa: E402
 from ov_jax.model import LlavaOnevision  # noqa: E402

@@ -137,7 +137,7 @@ def test_length_budget_counts_vision_tokens_and_reports_skips(processor, folder)
     (json.dumps({"text": "x"}) + "\n", r"bad\.jsonl:2: expected an object"),
     (json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n", r"bad\.jsonl:2: .*no assistant"),
     (json.dumps({"messages": [image_turn("missing.jpg"), {"role": "assistant", "content": "x"}]}) + "\n",
-     r"bad\.jsonl:2: image file .*missing\.jpg.* does not exist"),
+     r"bad\.jsonl:2: image .*missing\.jpg.* does not exist"),
     (json.dumps({"messages": [{"role": "user", "content": [{"type": "audio"}]},
                               {"role": "assistant", "content": "x"}]}) + "\n", r"bad\.jsonl:2: unknown content type"),
     (json.dumps({"messages": [{"role": "tool", "content": "x"}]}) + "\n", r"bad\.jsonl:2: message role"),
@@ -151,7 +151,7 @@ def test_bad_lines_are_named_by_file_and_line(processor, folder, content, messag
 
 def test_media_root_resolves_relative_paths(processor, folder, tmp_path):
     path = write_jsonl(tmp_path / "elsewhere.jsonl", [[image_turn(), {"role": "assistant", "content": "A cat."}]])
-    with pytest.raises(data.DataError, match="elsewhere.jsonl:1: image file"):
+    with pytest.raises(data.DataError, match="elsewhere.jsonl:1: image .*small.jpg"):
         data.scan(path, processor, max_length=4096)
     (example,) = data.scan(path, processor, max_length=4096, media_root=folder).examples
     assert example.messages[0]["content"][0]["path"] == str(folder / "small.jpg")

@@ -6,6 +6,7 @@ A :data:`Batch` is a plain dict of numpy arrays for ``B`` rows of ``T`` tokens:
   labels        int32 [B, T]      (-100 = ignored; shifted inside the loss, as transformers does)
   tower_inputs  float32 [N, C, H, W]   tiles and frames for the vision tower (the media plan's order)
   tap_index     int32 [B, T, 4]   tap_weight float32 [B, T, 4]   is_media bool [B, T]
+  segment_ids   int32 [B, T]      optional: packed rows (1, 2, ... per sample, 0 = padding)
 
 The media plan is built exactly as ``LlavaOnevision.__call__`` builds it (`ov_jax.media_plan`).
 :func:`stack_micro_batches` pads K such batches to one shape and stacks them on a leading micro-batch axis.
@@ -38,10 +39,11 @@ def _integers(x: Any, name: str) -> np.ndarray:
 
 def make_batch(config: OneVisionConfig, *, labels, input_ids, attention_mask=None, pixel_values=None,
                image_sizes=None, batch_num_images=None, pixel_values_videos=None, position_ids=None,
-               **unused) -> Batch:
+               segment_ids=None, **unused) -> Batch:
     """One (micro-)batch from the processor's outputs and ``labels [B, T]``.
 
-    ``unused`` takes processor outputs the model does not read (e.g. ``assistant_masks``). Positions default to ``arange(T)`` per row, as transformers' forward does.
+    ``unused`` takes processor outputs the model does not read (e.g. ``assistant_masks``). Positions default
+    to ``arange(T)`` per row, as transformers' forward does; ``segment_ids`` mark packed rows.
     Raises :class:`BatchError` on mismatched shapes or labels outside ``[0, vocab)`` ∪ {-100}, and
     `ov_jax.media_plan.MediaMismatchError` when placeholders and media disagree.
     """
@@ -49,7 +51,8 @@ def make_batch(config: OneVisionConfig, *, labels, input_ids, attention_mask=Non
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
     b, t = input_ids.shape
-    labels = _integers(labels, "labels").reshape(-1, t) if np.ndim(labels) == 1 else _integers(labels, "labels")
+    labels = _integers(labels, "labels")
+    labels = labels[None] if labels.ndim == 1 else labels
     if labels.shape != (b, t):
         raise BatchError(f"labels shape {labels.shape} != input_ids shape {(b, t)}")
     vocab = config.text.vocab_size
@@ -66,7 +69,13 @@ def make_batch(config: OneVisionConfig, *, labels, input_ids, attention_mask=Non
     if position_ids.shape != (b, t):
         raise BatchError(f"position_ids shape {position_ids.shape} != input_ids shape {(b, t)}")
     plan = build_media_plan(input_ids, config, pixel_values, image_sizes, batch_num_images, pixel_values_videos)
-    return {
+    extra = {}
+    if segment_ids is not None:
+        segment_ids = _integers(segment_ids, "segment_ids")
+        if segment_ids.shape != (b, t):
+            raise BatchError(f"segment_ids shape {segment_ids.shape} != input_ids shape {(b, t)}")
+        extra["segment_ids"] = segment_ids.astype(np.int32)
+    return extra | {
         "input_ids": input_ids.astype(np.int32), "attention_mask": mask,
         "position_ids": np.asarray(position_ids, np.int32), "labels": labels.astype(np.int32),
         "tower_inputs": plan.tower_inputs, "tap_index": plan.tap_index.astype(np.int32),
@@ -101,8 +110,11 @@ def stack_micro_batches(batches: Sequence[Batch]) -> Batch:
     t = max(b["input_ids"].shape[1] for b in batches)
     n = max(b["tower_inputs"].shape[0] for b in batches)
     fill = {"labels": IGNORE_INDEX}
+    keys = {tuple(sorted(b)) for b in batches}
+    if len(keys) != 1:
+        raise BatchError("micro-batches hold different fields (e.g. segment_ids in some only)")
     out = {}
-    for key in TOKEN_FIELDS:
+    for key in TOKEN_FIELDS + (("segment_ids",) if "segment_ids" in batches[0] else ()):
         out[key] = np.stack([_pad_to(b[key], (b[key].shape[0], t) + b[key].shape[2:], fill.get(key, 0))
                              for b in batches])
     out["tower_inputs"] = np.stack([_pad_to(b["tower_inputs"], (n,) + b["tower_inputs"].shape[1:])

@@ -22,19 +22,15 @@ import json
 import math
 import os
 import pathlib
-import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ov_jax.config import OneVisionConfig
 from ov_jax.media_plan import build_media_plan
-from ov_jax.processing import chat
-from ov_jax.processing.image import load_image
+from ov_jax.processing import chat, media
 
 IGNORE_INDEX = -100
-REMOTE_PREFIXES = ("http://", "https://", "data:")
-BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
 
 # The llava-hf OneVision template with generation blocks around each assistant turn's text and <|im_end|>;
 # it renders exactly the text of the original (tests/test_train_data.py checks both).
@@ -155,16 +151,14 @@ def _normalize_messages(messages: list, root: pathlib.Path) -> list[dict]:
 
 
 def _resolve(source: str, root: pathlib.Path, kind: str) -> str:
-    """A local path made absolute (relative ones start at ``root``) and checked; URLs, data URIs and (images)
-    base64 text are kept as they are for the processor's loaders."""
-    if source.startswith(REMOTE_PREFIXES):
+    """A local path joined to ``root`` (as `ov_jax.processing.media` resolves image sources) and checked to be
+    a readable file; URLs, data URIs and base64 image data are kept for the processor's loaders."""
+    if media.is_url(source) or source.startswith("data:"):
         return source
-    resolved = root / source  # an absolute ``source`` stays itself
-    if resolved.is_file():
-        return str(resolved)
-    if kind == "image" and len(source) >= 64 and BASE64.fullmatch(source):
-        return source
-    raise ValueError(f"{kind} file {str(resolved)!r} does not exist")
+    resolved = media.resolve_image_source(source, root) if kind == "image" else str(root / source)
+    if resolved == source and not os.path.isabs(source):
+        return source  # base64 image data
+    return media.check_local_file(resolved, kind)
 
 
 # ------------------------------------------------------------------------------------- tokenization
@@ -228,7 +222,7 @@ def scan(path: str | os.PathLike, processor, *, max_length: int, num_frames: int
         check_template(processor, chat_template, messages, where)
         try:
             rendered = _render(processor, messages, chat_template)
-            sizes = [load_image(source).size[::-1] for source in rendered.images]
+            sizes = [media.load_image(source).size[::-1] for source in rendered.images]
         except (ValueError, OSError) as err:
             raise DataError(f"{where}: {err}") from None
         if not any(rendered.mask):

@@ -15,14 +15,16 @@ from typing import Any, Callable, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from ov_jax import sharding
 from ov_jax.config import OneVisionConfig
 from ov_jax.modeling import llava
+from ov_jax.nn.lora import is_adapter
+from ov_jax.params import LoraSpec, check_tree
 from ov_jax.train import freeze as freezing
-from ov_jax.train.batch import IGNORE_INDEX, Batch, make_batch, stack_micro_batches
+from ov_jax.train import lora
+from ov_jax.train.batch import Batch, make_batch, stack_micro_batches
 
 
 @flax.struct.dataclass
@@ -37,48 +39,50 @@ class TrainState:
 
 
 def micro_batch_nll(params: dict, batch: Batch, *, config: OneVisionConfig, compute_dtype: Any,
-                    remat: bool = False) -> tuple[jax.Array, jax.Array]:
+                    remat: str | None = None) -> tuple[jax.Array, jax.Array]:
     """Sum of next-token negative log-likelihoods (float32) and the number of label tokens, for one batch.
 
-    Labels are shifted inside (position ``t`` predicts ``labels[t + 1]``); ``-100`` is ignored.
+    Labels are shifted inside (position ``t`` predicts ``labels[t + 1]``); ``-100`` is ignored. The loss is
+    `ov_jax.modeling.llava.loss`: chunked over the vocabulary, never a full ``[B, T, V]`` logits tensor.
     """
-    logits = llava.forward(params, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                           batch["tower_inputs"], batch["tap_index"], batch["tap_weight"], batch["is_media"],
-                           config, compute_dtype)
-    labels = batch["labels"][:, 1:]
-    valid = labels != IGNORE_INDEX
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)), valid.sum()
+    return llava.loss(params, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                      batch["tower_inputs"], batch["tap_index"], batch["tap_weight"], batch["is_media"],
+                      batch["labels"], config=config, dtype=compute_dtype, segment_ids=batch.get("segment_ids"),
+                      remat=remat)
 
 
 def accumulated_grads(trainable: dict, params: dict, batches: Batch, *, config: OneVisionConfig,
-                      compute_dtype: Any, remat: bool = False) -> tuple[jax.Array, dict, jax.Array]:
+                      compute_dtype: Any, remat: str | None = None, dropout: float = 0.0,
+                      rng: jax.Array | None = None) -> tuple[jax.Array, dict, jax.Array]:
     """Mean loss and its gradient w.r.t. ``trainable`` over K stacked micro-batches (leading axis of ``batches``).
 
     ``trainable`` is a sub-tree of ``params`` (`ov_jax.train.freeze.select`); every other leaf enters under
     ``stop_gradient``. Gradients of the summed token losses are accumulated and divided by the total token
-    count once, so K micro-batches give the gradient of one batch holding all their rows.
+    count once, so K micro-batches give the gradient of one batch holding all their rows. ``dropout`` > 0:
+    LoRA dropout with keys drawn from ``rng`` (a different mask per micro-batch, `ov_jax.train.lora`).
     Returns ``(loss, grads, tokens)``.
     """
     frozen = jax.lax.stop_gradient(params)
 
-    def nll(sub, batch):
-        return micro_batch_nll(freezing.merge(frozen, sub), batch, config=config, compute_dtype=compute_dtype,
-                               remat=remat)
+    def nll(sub, batch, key):
+        full = freezing.merge(frozen, sub)
+        if dropout:
+            full = lora.with_dropout(full, dropout, key)
+        return micro_batch_nll(full, batch, config=config, compute_dtype=compute_dtype, remat=remat)
 
     grad_fn = jax.value_and_grad(nll, has_aux=True)
     k = batches["input_ids"].shape[0]
+    keys = jax.random.split(jax.random.PRNGKey(0) if rng is None else rng, k)
     if k == 1:
-        (total, count), grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], batches))
+        (total, count), grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], batches), keys[0])
     else:
-        def body(carry, batch):
+        def body(carry, xs):
             g_sum, nll_sum, n_sum = carry
-            (value, n), g = grad_fn(trainable, batch)
+            (value, n), g = grad_fn(trainable, *xs)
             return (jax.tree.map(jnp.add, g_sum, g), nll_sum + value, n_sum + n), None
 
         zeros = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        (grads, total, count), _ = jax.lax.scan(body, zeros, batches)
+        (grads, total, count), _ = jax.lax.scan(body, zeros, (batches, keys))
     denom = jnp.maximum(count, 1).astype(jnp.float32)
     return total / denom, jax.tree.map(lambda g: g / denom.astype(g.dtype), grads), count
 
@@ -116,10 +120,15 @@ class TrainStep:
     """
 
     def __init__(self, config: OneVisionConfig, optimizer: optax.GradientTransformation, *, mesh=None,
-                 freeze=None, grad_accum: int = 1, compute_dtype: Any = jnp.bfloat16, remat: bool = False,
+                 freeze=None, lora: LoraSpec | None = None, lora_dropout: float = 0.0, grad_accum: int = 1,
+                 compute_dtype: Any = jnp.bfloat16, remat: str | None = None,
                  log: Callable[[str], Any] | None = print):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if lora_dropout and lora is None:
+            raise ValueError("lora_dropout needs LoRA adapters (lora=...)")
         from ov_jax.model import resolve_dtype
 
         self.config = config
@@ -128,6 +137,8 @@ class TrainStep:
         self.freeze = freeze
         self.grad_accum = grad_accum
         self.compute_dtype = resolve_dtype(compute_dtype)
+        self.lora = lora
+        self.lora_dropout = float(lora_dropout)
         self.remat = remat
         self.log = log
         self._jitted = None
@@ -135,21 +146,20 @@ class TrainStep:
     # --- which leaves train -----------------------------------------------------------------------------------
 
     def trainable_mask(self, params: dict) -> Any:
-        """Tree of bools over ``params``: True where the leaf trains (not matched by ``freeze``)."""
+        """Tree of bools over ``params``: True where the leaf trains. With LoRA only the adapters train (base
+        weights and ``lora_scale`` frozen); ``freeze`` patterns then freeze further leaves."""
         frozen = freezing.matching(params, self.freeze)
-        return jax.tree.map(lambda f: not f, frozen)
+        if self.lora is None:
+            return jax.tree.map(lambda f: not f, frozen)
+        return jax.tree_util.tree_map_with_path(
+            lambda p, f: is_adapter(freezing.path_name(p)) and not f, frozen)
 
     # --- state ------------------------------------------------------------------------------------------------
-
-    def _param_shardings(self, params: dict) -> Any:
-        specs = sharding.param_shardings(self.config, self.mesh)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        flat = {freezing.path_name(p): s for p, s in jax.tree_util.tree_leaves_with_path(specs)}
-        return jax.tree_util.tree_map_with_path(lambda p, _: flat.get(freezing.path_name(p), replicated), params)
 
     def init(self, params: dict, seed: int = 0) -> TrainState:
         """A fresh state at step 0 holding a float32 copy of ``params`` (the master weights; steps donate the
         state, so the caller's arrays are never consumed)."""
+        check_tree(params, self.config, self.lora)
         mask = self.trainable_mask(params)
         if self.log is not None:
             self.log(freezing.trainable_table(params, mask))
@@ -160,7 +170,7 @@ class TrainStep:
         if self.mesh is None:
             opt_state = jax.jit(self.optimizer.init)(freezing.select(params, mask))
             return TrainState(jnp.zeros((), jnp.int32), params, opt_state, rng)
-        shardings = self._param_shardings(params)
+        shardings = sharding.param_shardings(self.config, self.mesh, lora=self.lora)
         params = jax.tree.map(jax.device_put, params, shardings)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         sub = freezing.select(params, mask)
@@ -177,11 +187,12 @@ class TrainStep:
     def _update(self, state: TrainState, batches: Batch) -> tuple[TrainState, dict]:
         mask = self.trainable_mask(state.params)
         trainable = freezing.select(state.params, mask)
+        rng, dropout_rng = jax.random.split(state.rng)
         loss, grads, tokens = accumulated_grads(trainable, state.params, batches, config=self.config,
-                                                compute_dtype=self.compute_dtype, remat=self.remat)
+                                                compute_dtype=self.compute_dtype, remat=self.remat,
+                                                dropout=self.lora_dropout, rng=dropout_rng)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, trainable)
         params = freezing.merge(state.params, optax.apply_updates(trainable, updates))
-        rng, _ = jax.random.split(state.rng)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
         return TrainState(state.step + 1, params, opt_state, rng), metrics
 
@@ -210,7 +221,8 @@ class TrainStep:
 
 
 def make_train_step(config: OneVisionConfig, optimizer: optax.GradientTransformation, *, mesh=None, freeze=None,
-                    grad_accum: int = 1, compute_dtype: Any = jnp.bfloat16, remat: bool = False,
+                    lora: LoraSpec | None = None, lora_dropout: float = 0.0, grad_accum: int = 1,
+                    compute_dtype: Any = jnp.bfloat16, remat: str | None = None,
                     log: Callable[[str], Any] | None = print) -> TrainStep:
     """A :class:`TrainStep` for ``config``.
 
@@ -219,9 +231,12 @@ def make_train_step(config: OneVisionConfig, optimizer: optax.GradientTransforma
     the logical rules (FSDP over ``fsdp``, Megatron over ``tensor``), batch rows over ``data``/``fsdp``;
     ``freeze``: presets (``vision_tower``, ``projector``, ``language_model``, ``image_newline``) or regexes
     over params paths, a comma-separated string or a list — frozen leaves get no gradient and no optimizer
-    state; ``grad_accum``: micro-batches per step (token-weighted, equal to one batch of all their rows);
-    ``compute_dtype``: activation / matmul dtype (params stay float32 masters); ``remat``: rematerialise
-    layer activations in the backward pass; ``log``: where the trainable-parameter table goes (None: nowhere).
+    state; ``lora``: the `ov_jax.params.LoraSpec` of the adapters the params carry (`ov_jax.train.lora.add_lora`)
+    — then only the adapters train; ``lora_dropout``: dropout rate on the adapters' inputs (a fresh mask per
+    step and micro-batch from the state's RNG); ``grad_accum``: micro-batches per step (token-weighted, equal
+    to one batch of all their rows); ``compute_dtype``: activation / matmul dtype (params stay float32
+    masters); ``remat``: a remat policy name for both layer scans (`ov_jax.modeling.layers.REMAT_POLICIES`;
+    None keeps every activation); ``log``: where the trainable-parameter table goes (None: nowhere).
     """
-    return TrainStep(config, optimizer, mesh=mesh, freeze=freeze, grad_accum=grad_accum,
-                     compute_dtype=compute_dtype, remat=remat, log=log)
+    return TrainStep(config, optimizer, mesh=mesh, freeze=freeze, lora=lora, lora_dropout=lora_dropout,
+                     grad_accum=grad_accum, compute_dtype=compute_dtype, remat=remat, log=log)
