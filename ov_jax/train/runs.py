@@ -241,9 +241,10 @@ def finetune(output: str | os.PathLike, config: RunConfig | None = None, *, resu
     ``resume``: continue the run in ``output`` from its latest checkpoint (params, optimizer state, step, RNG
     and data position restored, so the losses equal an uninterrupted run's). ``until``: stop after this step
     (saving a checkpoint there) so that a later ``resume`` continues; the schedule still spans
-    ``config.steps``. ``progress``: a tqdm bar;
-    ``log``: where the data report and the trainable-parameter table go. Raises :class:`RunError`,
+    ``config.steps``. ``progress``: a tqdm bar; ``log``: where the data report and the trainable-parameter
+    table go. Every setting is checked before the run directory is created. Raises :class:`RunError`,
     `ov_jax.train.data.DataError`, `ov_jax.outputs.OutputPathError` (all ``ValueError`` / ``OSError``).
+    Metrics: the first step's tokens/s includes compiling the step.
     """
     import jax
 
