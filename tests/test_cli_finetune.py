@@ -124,3 +124,14 @@ def test_bad_export_arguments_are_one_error_line(folder, env):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "not a fine-tuning run directory" in lines[0]
     assert not (folder / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["finetune", "--steps", "abc", "--output", "r"], "argument --steps: invalid int value"),
+    (["finetune", "--data", "train.jsonl"], "required: --output"),
+    (["export", "onlyone"], "required: OUT"),
+])
+def test_unparsable_arguments_are_one_error_line(folder, env, args, message):
+    result = ov_jax(*args, cwd=folder, env=env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
