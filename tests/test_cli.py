@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from ov_jax import cli
+from ov_jax.processing.chat import single_turn
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_IMAGE = str(cli.SAMPLE_IMAGE)
@@ -90,7 +91,7 @@ def transformers_answer(tiny_dir):
     from ov_jax.compare import reference_processor
 
     processor = reference_processor(tiny_dir)
-    messages = cli.conversation(PROMPT, [Image.open(SAMPLE_IMAGE).convert("RGB")])
+    messages = single_turn(PROMPT, [Image.open(SAMPLE_IMAGE).convert("RGB")])
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt")
     model = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_dir).eval()
@@ -184,7 +185,7 @@ def test_generate_multi_image_video_sampling_matches_the_api(workdir, tiny_dir, 
 
     processor = LlavaOnevisionProcessor.from_pretrained(tiny_dir)
     images = cli.load_images([SAMPLE_IMAGE, SAMPLE_IMAGE])
-    inputs = processor.apply_chat_template(cli.conversation("Compare them.", images, SAMPLE_VIDEO),
+    inputs = processor.apply_chat_template(single_turn("Compare them.", images, SAMPLE_VIDEO),
                                            add_generation_prompt=True, tokenize=True, return_dict=True, num_frames=2)
     assert inputs["batch_num_images"].tolist() == [2] and inputs["pixel_values_videos"].shape[1] == 2
     tokens = LlavaOnevision.from_pretrained(tiny_dir).generate(**inputs, max_new_tokens=10, do_sample=True,
