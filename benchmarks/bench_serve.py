@@ -55,13 +55,14 @@ def start_server(model: str, flags: list[str]) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, "-m", "ov_jax.cli", "serve", "--model", model, "--port", str(port),
-                             "--served-model-name", "bench", *flags], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                             "--served-model-name", "bench", *flags], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         if proc.poll() is not None:
-            raise RuntimeError("the server exited during start-up")
+            log.seek(0)
+            raise RuntimeError(f"the server exited during start-up:\n{log.read()[-3000:]}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return proc, url
