@@ -555,8 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra[:1] == ["--"]:
         extra = extra[1:]
     runners = {"make-tiny": run_make_tiny, "convert": run_convert, "generate": run_generate, "compare": run_compare,
-               "batch": run_batch, "serve": run_serve}
-               "batch": run_batch, "finetune": run_finetune, "export": run_export}
+               "batch": run_batch, "finetune": run_finetune, "export": run_export, "serve": run_serve}
     try:
         if args.command == "bench":
             return run_bench(args, extra)
