@@ -223,7 +223,7 @@ def main(argv=None) -> int:
                           cache=(args.cache_length,))
         sequential, model, processor = sequential_generate(model_dir, requests, args.max_tokens, buckets)
         rows.append(sequential)
-        stall = video_stall(model, processor, buckets, args.cache_length, 8 if args.dry_run else 64)
+        stall = video_stall(model, processor, buckets, args.cache_length, 48 if args.dry_run else 128)
     lines = ["| clients | requests | completion tok/s | TTFT p50 s | TTFT p95 s |", "|---|---|---|---|---|"]
     lines += [f"| {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} | {r['ttft_p95']:.3f} |"
               for r in rows]
