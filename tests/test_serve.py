@@ -240,3 +240,18 @@ def test_feature_cache_hits_on_a_repeated_image_and_metrics_report(client, local
         assert name in metrics
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "/nonexistent/checkpoint"], "/nonexistent/checkpoint"),
+    (["--model", "x", "--max-batch-size", "0"], "--max-batch-size"),
+    (["--model", "x", "--prompt-buckets", "64,abc"], "--prompt-buckets"),
+])
+def test_bad_serve_arguments_are_one_error_line(flags, message):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-m", "ov_jax.cli", "serve", *flags], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(("error:", "ov-jax serve: error:")) and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
