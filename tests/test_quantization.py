@@ -264,3 +264,24 @@ def test_sharded_quantized_generation_equals_unsharded(tiny_ckpt, mode, layout):
     got = engine_for(sharded, buckets, layout=layout).generate(ids, mask, **media, max_new_tokens=12,
                                                                 stop_token_ids=[])
     np.testing.assert_array_equal(got, want)
+
+
+# --- benchmark -------------------------------------------------------------------------------------------
+
+
+def test_quantization_benchmark_dry_run(tmp_path):
+    """benchmarks/bench_quant.py on its tiny preset (the real run is the 0.5B architecture): one quantized
+    ov_jax format and torch's int8 path, the table printed and the JSON written."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "quant.json"
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_quant.py"), "--preset", "tiny",
+                             "--formats", "ov_jax int4,transformers int8 (torch dynamic)", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"ov_jax int4", "transformers int8 (torch dynamic)"}
+    assert all("decode_tok_s_b8" in run and run["peak_rss_gb"] > 0 for run in runs.values()), runs
+    assert "| ov_jax int4 |" in result.stdout and "avx512f" in result.stdout
