@@ -15,7 +15,7 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("src", help="checkpoint directory (config.json + safetensors) or Hugging Face Hub id")
-    parser.add_argument("dst", help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("dst", help="output directory: new, empty, or an earlier convert output (--overwrite)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="cast the weights (default: keep the file's dtype)")
     parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="int4 group size: input features per scale; must divide every input size (default 128)")
     parser.add_argument("--quantize-vision", action="store_true",
                         help="also quantize the vision tower's linears and the projector")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace DST if it is an earlier convert output (nothing else is ever replaced)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
