@@ -209,6 +209,9 @@ def test_convert_quantize_writes_what_from_pretrained_quantizes(tiny_ckpt_tied, 
     assert loaded.params["vision"]["layers"]["fc1"]["kernel"].dtype == (kind if vision else jnp.float32)
     with pytest.raises(ValueError, match="quantized as"):
         LlavaOnevision.from_pretrained(dst, quantization="int8" if mode == "int4" else "int4")
+    with pytest.raises(ValueError, match="weights are quantized"):
+        loaded.save_pretrained(tmp_path / "export")
+    assert not (tmp_path / "export").exists()
 
 
 def test_bad_group_size_and_mode_are_clear_errors(tiny_ckpt, tmp_path):
