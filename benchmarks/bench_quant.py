@@ -142,7 +142,7 @@ def table(results: dict) -> str:
     lines = [f"CPU: {results['machine']['cpu']} ({results['machine']['cores']} cores); flags: {flags}",
              f"read bandwidth {bw:.1f} GB/s (numpy streaming sum); ratios against {BASELINE} eager", "",
              "| system / weights | GB read per token | roofline tok/s (batch 1) | decode tok/s b1 | b8 | "
-             "b1 vs baseline | b8 vs baseline | b1 % of roofline | peak RSS GB |", "|---|---|---|---|---|---|---|---|---|"]
+             "b1 vs baseline | b8 vs baseline | b1 % of roofline | peak RSS GB |", "|---" * 9 + "|"]
     base = results["runs"].get(BASELINE, {})
     for name, run in results["runs"].items():
         gb = results["lm_bytes_per_token"][FORMATS[name][1]] / 1e9

@@ -1,5 +1,6 @@
 """Weight-only int8 / int4 quantization: memory, agreement with bfloat16, storage, sharding, errors."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -69,8 +70,9 @@ def test_dequantized_weights_error_is_bounded(tiny_ckpt, mode):
     params, _ = quantize_params(model.params, model.config, QuantConfig(mode, TINY_GROUP))
     group = None if mode == "int8" else TINY_GROUP
     checked = [(model.params["text"]["embed"], params["text"]["embed"], None)]
-    checked += [(model.params["text"]["layers"][n]["kernel"][1], jax.tree.map(lambda a: a[1], params["text"]["layers"][n]),
-                 n_in) for n, n_in in (("q", 1), ("o", 2), ("down", 1))]
+    layer = lambda tree, n: jax.tree.map(lambda a: a[1], tree["text"]["layers"][n])  # the second layer
+    checked += [(layer(model.params, n)["kernel"], layer(params, n), n_in)
+                for n, n_in in (("q", 1), ("o", 2), ("down", 1))]
     for w, leaf, n_in in checked:
         w = np.asarray(w)
         if n_in is None:  # the [V, H] table: channels are rows, groups run along H
@@ -167,8 +169,8 @@ def test_top1_agreement_with_bfloat16(confident_bf16, mode, bar):
 @pytest.mark.parametrize("mode, bar", [("int8", 0.98), ("int4", 0.90)])
 def test_top1_agreement_on_the_0_5b_architecture(mode, bar):
     """Random 0.5B weights with a fitted (untied) lm_head; the issue's bars on the full-size shapes."""
-    config = preset("0.5b").replace(tie_word_embeddings=False)
-    config = config.replace(text=config.text.__class__(**{**config.text.__dict__, "tie_word_embeddings": False}))
+    config = preset("0.5b")
+    config = config.replace(tie_word_embeddings=False, text=dataclasses.replace(config.text, tie_word_embeddings=False))
     base = LlavaOnevision.from_params(config, random_params(config, seed=0))
     ids, mask, media = _prompt_set(config, np.random.default_rng(5))
     params = confident_params(base, ids, mask, media, steps=60)
