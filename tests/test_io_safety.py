@@ -259,6 +259,25 @@ def test_missing_or_damaged_checksums_file(converted):
     load_orbax(converted, verify=False)
 
 
+def _edit_checksums(converted: Path, edit) -> None:
+    checksums = json.loads((converted / "checksums.json").read_text())
+    edit(checksums)
+    (converted / "checksums.json").write_text(json.dumps(checksums))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c["files"].update(dict.fromkeys(c["files"], "0")), "checksums.json is unreadable"),
+    (lambda c: c["arrays"].update({"text.embed": "0"}), "checksums.json is unreadable"),
+    (lambda c: c.update(files={}), "params/.* has no entry in checksums.json"),
+    (lambda c: c["arrays"].pop("text.embed"), "array text.embed has no entry in checksums.json"),
+])
+def test_an_edited_checksums_file_is_damage_not_a_pass(converted, edit, match):
+    """Entries that are not objects, or files and arrays left out, cannot turn verification off."""
+    _edit_checksums(converted, edit)
+    with pytest.raises(CorruptCheckpointError, match=match):
+        load_orbax(converted)
+
+
 def test_links_inside_params_that_leave_the_checkpoint_are_refused(converted, tmp_path):
     chunk = largest_chunk(converted)
     shutil.move(chunk, tmp_path / "chunk")
