@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ov_jax.hub import checkpoint_file
+
 log = logging.getLogger(__name__)
 
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -165,8 +167,8 @@ class GenerationConfig:
         """A checkpoint directory's ``generation_config.json`` (only it: absent fields are unset, as in
         transformers), or without that file the ids of ``text_config``. A file that is not a valid generation
         config raises :class:`GenerationConfigError` naming it."""
-        path = os.path.join(directory, GENERATION_CONFIG_FILE)
-        if not os.path.isfile(path):
+        path = checkpoint_file(directory, GENERATION_CONFIG_FILE)
+        if not path.is_file():
             return cls.from_text_config(text_config)
         try:
             with open(path, encoding="utf-8") as f:

@@ -39,6 +39,9 @@ def checkpoint_file(directory: str | os.PathLike, name: str) -> pathlib.Path:
     if not parts or os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts:
         raise CheckpointError(f"checkpoint {directory} names the file {name!r}, which is outside the checkpoint "
                               "directory (only plain relative names are read)")
+    if "\0" in name:
+        raise CheckpointError(f"checkpoint {directory} names the file {name!r}, which is not a file name (it holds "
+                              "a NUL character)")
     path = directory.joinpath(*parts)
     roots = _allowed_roots(pathlib.Path(os.path.realpath(directory)))
     target = pathlib.Path(os.path.realpath(path))

@@ -119,8 +119,14 @@ def test_index_shard_names_outside_the_checkpoint_are_refused(tiny_ckpt, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_an_index_shard_name_with_a_nul_is_named(tiny_ckpt, tmp_path):
+    ckpt = _sharded(tiny_ckpt, tmp_path / "ckpt", "model.safetensors\0")
+    with pytest.raises(CheckpointError, match="names the file 'model.safetensors\\\\x00', which is not a file name"):
+        load_params(ckpt)
+
+
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja",
-                                  "preprocessor_config.json"])
+                                  "preprocessor_config.json", "generation_config.json"])
 def test_symlinks_leaving_the_checkpoint_are_refused(tiny_ckpt, tmp_path, name):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_ckpt, ckpt)
@@ -128,7 +134,7 @@ def test_symlinks_leaving_the_checkpoint_are_refused(tiny_ckpt, tmp_path, name):
     (ckpt / name).symlink_to(tmp_path / name)
     match = f"{ckpt / name} is a link to {tmp_path / name}, outside the checkpoint directory"
     with pytest.raises(CheckpointError, match=match):
-        if name in ("model.safetensors", "config.json"):
+        if name in ("model.safetensors", "config.json", "generation_config.json"):
             LlavaOnevision.from_pretrained(ckpt)
         else:
             LlavaOnevisionProcessor.from_pretrained(ckpt)
