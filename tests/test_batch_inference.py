@@ -142,6 +142,8 @@ def test_bad_request_files_are_clear_errors(tmp_path):
         read_requests(path)
     path.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n')
     assert [r["id"] for r in read_requests(path)] == [0, 2]  # default id: the line number
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\r\n{"id": "1", "prompt": "b"}\r\n{"id": 1, "prompt": "c"}\r\n')
+    assert [(r["id"], r["prompt"]) for r in read_requests(path)] == [(0, "a"), ("1", "b"), (1, "c")]  # BOM, CRLF
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         run_batch_inference(path, tmp_path / "o.jsonl", FakeModel(), batch_size=0)
 
