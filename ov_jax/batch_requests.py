@@ -108,8 +108,9 @@ def check_request(record: Any) -> None:
 
 def read_requests(path: str | os.PathLike) -> list[Record]:
     """All requests of a jsonl file (a leading UTF-8 byte-order mark is skipped), each checked
-    (:func:`check_request`) and given an ``id`` (default: its 0-based line number). Any problem is a :class:`RequestFileError` naming ``file:line``: text that is not
-    UTF-8, a line that is not a JSON object, a request that breaks the format, a repeated id, no requests."""
+    (:func:`check_request`) and given an ``id`` (default: its 0-based line number). Any problem is a
+    :class:`RequestFileError` naming ``file:line``: text that is not UTF-8, a line that is not a JSON object, a
+    request that breaks the format, a repeated id, no requests."""
     check_file(path, "requests file")
     records, seen = [], {}
     with open(path, "rb") as f:
