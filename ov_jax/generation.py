@@ -76,8 +76,12 @@ def check_sampling_values(do_sample: bool, temperature: float, top_k: int, top_p
         raise GenerationConfigError(f"do_sample must be True or False, got {do_sample!r}")
     if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise GenerationConfigError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if do_sample and not temperature > 0:
-        raise GenerationConfigError(f"temperature must be > 0 when sampling (do_sample=True), got {temperature!r}")
+    if temperature > float(np.finfo(np.float32).max):
+        raise GenerationConfigError(f"temperature must be a finite float32 number (sampling runs in float32), got "
+                                    f"{temperature!r}")
+    if do_sample and not np.float32(temperature) > 0:
+        raise GenerationConfigError(f"temperature must be > 0 when sampling (do_sample=True; in float32, which "
+                                    f"sampling runs in), got {temperature!r}")
     if not _is_int(top_k) or top_k < 0:
         raise GenerationConfigError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
     if not _is_real(top_p) or not 0.0 < top_p <= 1.0:  # also rejects nan
