@@ -44,6 +44,23 @@ class ImageProcessingConfig:
     do_convert_rgb: bool = True
     do_pad: bool = True
 
+    def __post_init__(self):
+        """A ``ValueError`` naming the first value preprocessing cannot run with (a damaged or hostile
+        ``preprocessor_config.json`` would otherwise divide by zero or give NaN pixels)."""
+        if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int) or self.tile_size < 1:
+            raise ValueError(f"the tile size must be a positive integer, got {self.tile_size!r}")
+        for name in ("image_mean", "image_std"):
+            value = np.asarray(getattr(self, name), dtype=np.float64)
+            if value.shape != (3,) or not np.isfinite(value).all() or name == "image_std" and (value == 0).any():
+                raise ValueError(f"{name} must be 3 finite numbers{' (none 0)' if name == 'image_std' else ''}, "
+                                 f"got {getattr(self, name)!r}")
+        if not (np.isfinite(self.rescale_factor) and self.rescale_factor > 0):
+            raise ValueError(f"rescale_factor must be a positive finite number, got {self.rescale_factor!r}")
+        if self.resample not in tuple(Image.Resampling):
+            raise ValueError(f"resample must be a PIL resampling filter (0-5), got {self.resample!r}")
+        if not self.pinpoints or not all(h > 0 and w > 0 for h, w in self.pinpoints):
+            raise ValueError(f"image_grid_pinpoints must be pairs of positive sizes, got {list(self.pinpoints)}")
+
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "ImageProcessingConfig":
         """Parse a transformers image-processor dict; unknown keys are ignored, unsupported settings raise."""
