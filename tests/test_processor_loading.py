@@ -232,3 +232,21 @@ def test_processor_config_values_that_cannot_work_are_named(hub_layout, tmp_path
     (path / file).write_text(json.dumps(config | change))
     with pytest.raises(ValueError, match=message):
         LlavaOnevisionProcessor.from_pretrained(path)
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("tokenizer.json", "{not json", r"tokenizer.json is not a tokenizer file the tokenizers library can read"),
+    ("tokenizer.json", "[1, 2]", r"tokenizer.json is not a tokenizer file"),
+    ("tokenizer_config.json", {"image_token": "<nope>"}, r"token '<nope>' is not in the tokenizer's vocabulary"),
+    ("tokenizer_config.json", {"added_tokens_decoder": 5}, "added_tokens_decoder must be an object, got int"),
+])
+def test_unreadable_tokenizer_files_are_named(hub_layout, tmp_path, file, content, message):
+    """tokenizers raises a bare Exception, an unknown image token was a KeyError, a non-object decoder an
+    AttributeError: each is now a ValueError naming the file or the token."""
+    path = tmp_path / "ckpt"
+    shutil.copytree(hub_layout, path)
+    if isinstance(content, dict):
+        content = json.dumps(json.loads((path / file).read_text()) | content)
+    (path / file).write_text(content)
+    with pytest.raises(ValueError, match=message):
+        LlavaOnevisionProcessor.from_pretrained(path)
