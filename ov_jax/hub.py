@@ -48,6 +48,9 @@ def checkpoint_file(directory: str | os.PathLike, name: str) -> pathlib.Path:
     if not any(target == root or root in target.parents for root in roots):
         raise CheckpointError(f"checkpoint file {path} is a link to {target}, outside the checkpoint directory; "
                               "it is not read")
+    if os.path.exists(target) and not (target.is_file() or target.is_dir()):  # a FIFO would block the read
+        raise CheckpointError(f"checkpoint file {path} is not a regular file (a pipe, socket or device); it is "
+                              "not read")
     return path
 
 

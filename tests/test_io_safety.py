@@ -143,6 +143,16 @@ def test_symlinks_leaving_the_checkpoint_are_refused(tiny_ckpt, tmp_path, name):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_pipe_in_place_of_a_checkpoint_file_is_refused_not_read(tiny_ckpt, tmp_path):
+    """Opening a FIFO named config.json blocked forever."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    (ckpt / "config.json").unlink()
+    os.mkfifo(ckpt / "config.json")
+    with pytest.raises(CheckpointError, match="config.json is not a regular file"):
+        LlavaOnevision.from_pretrained(ckpt)
+
+
 def test_links_inside_the_checkpoint_and_hub_cache_snapshots_load(tiny_ckpt, tmp_path):
     """The Hugging Face cache links ``snapshots/<rev>/file`` to ``../../blobs/<hash>``: that stays allowed."""
     repo = tmp_path / "models--org--tiny"
