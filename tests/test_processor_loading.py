@@ -219,6 +219,7 @@ def test_importing_ov_jax_is_cheap():
     ("preprocessor_config.json", {"rescale_factor": float("nan")}, "rescale_factor must be a positive finite"),
     ("preprocessor_config.json", {"resample": 99}, "resample must be a PIL resampling filter"),
     ("preprocessor_config.json", {"image_grid_pinpoints": []}, "image_grid_pinpoints must be pairs"),
+    ("preprocessor_config.json", {"image_grid_pinpoints": [[384_000, 384_000]]}, "147,456,000,000-pixel grid"),
     ("processor_config.json", {"num_image_tokens": -1}, "num_image_tokens must be a positive integer, got -1"),
     ("processor_config.json", {"vision_aspect_ratio": "anyres_max_0"}, "'anyres_max_N' with N >= 1"),
     ("processor_config.json", {"chat_template": 5}, "processor_config.json: chat_template must be a string"),

@@ -23,6 +23,7 @@ from ov_jax.processing.media import load_image
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PIL_BICUBIC = 3
+PINPOINT_MAX_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS; released grids reach 2304x2304
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,10 @@ class ImageProcessingConfig:
             raise ValueError(f"resample must be a PIL resampling filter (0-5), got {self.resample!r}")
         if not self.pinpoints or not all(h > 0 and w > 0 for h, w in self.pinpoints):
             raise ValueError(f"image_grid_pinpoints must be pairs of positive sizes, got {list(self.pinpoints)}")
+        largest = max(h * w for h, w in self.pinpoints)
+        if largest > PINPOINT_MAX_PIXELS:  # every image is resized to a pinpoint: this bounds the tiles' memory
+            raise ValueError(f"image_grid_pinpoints holds a {largest:,}-pixel grid, over the limit of "
+                             f"{PINPOINT_MAX_PIXELS:,} (PIL's decompression-bomb size)")
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "ImageProcessingConfig":
