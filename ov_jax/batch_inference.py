@@ -389,6 +389,12 @@ def run_from_args(args) -> BatchSummary:
 if __name__ == "__main__":
     import argparse
 
+    import sys
+
     cli = argparse.ArgumentParser(prog="python -m ov_jax.batch_inference", description=__doc__.split("\n")[0])
     add_arguments(cli)
-    print(run_from_args(cli.parse_args()))
+    try:
+        print(run_from_args(cli.parse_args()))
+    except (ValueError, OSError) as err:  # bad input: one line, as `ov-jax batch` reports it
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)

@@ -190,6 +190,15 @@ def _write_params(directory: Path, leaves: Iterable[tuple[tuple[str, ...], Any]]
     return arrays
 
 
+def copy_model_files(source: Path, directory: Path) -> None:
+    """Copy the files directly in ``source`` that are not weights, weight indexes, checksums or config.json
+    (tokenizer, processor, chat template, generation config...) into ``directory``; subdirectories are not
+    entered, and a link leading outside the checkpoint is a ``CheckpointError`` (`ov_jax.hub.checkpoint_file`)."""
+    for file in sorted(source.iterdir()):
+        if file.is_file() and file.name not in _NOT_COPIED and not file.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy(checkpoint_file(source, file.name), directory / file.name)  # follows hub-cache links
+
+
 def _write_model_files(directory: Path, config: OneVisionConfig, source: Path | None) -> None:
     """config.json (source config + ours) and every non-weight file of ``source`` (tokenizer, processor...)."""
     raw: dict[str, Any] = {}
@@ -198,9 +207,7 @@ def _write_model_files(directory: Path, config: OneVisionConfig, source: Path | 
             raw = json.loads(checkpoint_file(source, CONFIG_FILE).read_text())
         except (OSError, json.JSONDecodeError):
             raw = {}
-        for file in sorted(source.iterdir()):
-            if file.is_file() and file.name not in _NOT_COPIED and not file.name.endswith(_WEIGHT_SUFFIXES):
-                shutil.copy(checkpoint_file(source, file.name), directory / file.name)  # follows hub-cache links
+        copy_model_files(source, directory)
     raw["ov_jax"] = config.to_dict()
     (directory / CONFIG_FILE).write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
 

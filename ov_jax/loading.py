@@ -94,6 +94,16 @@ class Transform:
         block = _read_slice(tensor, tuple(source_index)).reshape(block_shape)[tuple(inner_index)]
         return block if self.perm is None else block.transpose(self.perm)
 
+    def write(self, leaf: Any) -> np.ndarray:
+        """The checkpoint tensor that :meth:`read` turns into the whole per-layer ``leaf``: its exact inverse.
+
+        ``leaf``: a numpy or jax array of the per-layer leaf shape; returns numpy of :meth:`source_shape`,
+        same dtype (a view where no transpose is needed).
+        """
+        leaf = np.asarray(leaf)
+        view = leaf if self.perm is None else leaf.transpose(np.argsort(self.perm))
+        return view.reshape(self.source_shape(leaf.shape))
+
 
 COPY = Transform("copy")
 LINEAR = Transform("linear [out,in] -> [in,out]", perm=(1, 0))
@@ -120,6 +130,16 @@ LAYOUTS: tuple[tuple[str, str], ...] = (
     ("multi_modal_projector.", "projector."),
     ("image_newline", "image_newline"),
     ("lm_head.", "lm_head."),
+)
+
+# The layout transformers 5.24 ``save_pretrained`` writes (REFERENCE_NOTES §11.2), a subset of ``LAYOUTS``:
+# what export writes, so canonical_key(saved_key(name)) == name.
+SAVE_PRETRAINED_LAYOUT: tuple[tuple[str, str], ...] = (
+    ("vision_tower.", "vision."),
+    ("multi_modal_projector.", "projector."),
+    ("language_model.model.", "text."),
+    ("language_model.lm_head.", "lm_head."),
+    ("image_newline", "image_newline"),
 )
 
 # Canonical checkpoint name → (params path, transform). One row per tensor.
@@ -178,6 +198,14 @@ def canonical_key(key: str) -> tuple[str, tuple[str, str] | None]:
         if key.startswith(prefix):
             return canonical + key[len(prefix):], (prefix, canonical)
     return key, None
+
+
+def saved_key(canonical_name: str) -> str:
+    """The key transformers' ``save_pretrained`` writes for a canonical name (inverse of :func:`canonical_key`)."""
+    for prefix, canonical in SAVE_PRETRAINED_LAYOUT:
+        if canonical_name.startswith(canonical):
+            return prefix + canonical_name[len(canonical):]
+    raise KeyError(f"{canonical_name!r} is not a canonical checkpoint name")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """`LlavaOnevision`: the user-facing model, shaped like transformers' ``LlavaOnevisionForConditionalGeneration``.
 
 Holds a config and a plain params pytree; calls run jitted pure functions (`ov_jax.modeling.llava`)
-on a host-side media plan (`ov_jax.media_plan`). The NNX module view is available as ``.module``.
+on a host-side media plan (`ov_jax.media_plan`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 from ov_jax.config import OneVisionConfig
 from ov_jax.generation import GenerationConfig
 from ov_jax.media_plan import build_media_plan
-from ov_jax.modeling import llava
-from ov_jax.modeling.nnx_modules import LlavaOnevisionModule, check_tree
+from ov_jax.modeling import llava, lm_head
+from ov_jax.params import LoraSpec, check_tree
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -38,7 +38,8 @@ def resolve_dtype(dtype: Any) -> Any:
 
 @dataclasses.dataclass
 class OneVisionOutput:
-    """``logits [B, T, V]`` (float32) and, when labels were given, the mean next-token ``loss``."""
+    """``logits [B, K, V]`` (float32; ``K`` = the positions ``logits_to_keep`` keeps, all ``T`` by default) and,
+    when labels were given, the mean next-token ``loss`` (float32 scalar)."""
 
     logits: jax.Array
     loss: jax.Array | None = None
@@ -49,6 +50,20 @@ def _as_int_array(x, name: str) -> np.ndarray:
     if a.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integers, got dtype {a.dtype}")
     return a
+
+
+def _logits_to_keep(value, length: int) -> tuple[int, np.ndarray | None]:
+    """``logits_to_keep`` as ``(keep_last, keep_index)``: an int (last N positions, 0 = all) or positions."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"logits_to_keep must be >= 0, got {value}")
+        return int(value), None
+    index = _as_int_array(value, "logits_to_keep")
+    if index.ndim != 1:
+        raise ValueError(f"logits_to_keep must be an int or a 1-D array of positions, got shape {index.shape}")
+    if index.size and (index.min() < -length or index.max() >= length):
+        raise ValueError(f"logits_to_keep positions must lie in [{-length}, {length}), got {index.min()}..{index.max()}")
+    return 0, (index % length).astype(np.int32)
 
 
 def _is_converted(path: os.PathLike) -> bool:
@@ -72,19 +87,26 @@ class LlavaOnevision:
     and sampling defaults ``generate`` uses; default: the text config's ids and transformers' defaults.
     """
 
-    def __init__(self, config: OneVisionConfig, params: dict, dtype: Any = jnp.float32,
+    source_dir: os.PathLike | None = None  # the checkpoint directory from_pretrained read (its files are exported)
+
+    def __init__(self, config: OneVisionConfig, params: dict, dtype: Any = jnp.float32, lora: LoraSpec | None = None,
                  generation_config: GenerationConfig | None = None):
-        check_tree(params, config)
+        """``params`` in the `ov_jax.params` layout (with ``lora``'s adapters, `ov_jax.nn.lora.add_lora`), stored
+        in any float dtype; ``dtype`` is the compute dtype of every call (e.g. float32 master weights with a
+        bfloat16 forward). Raises ``ValueError`` when the tree does not match the config."""
+        check_tree(params, config, lora)
         self.config = config
         self.params = params
         self.dtype = resolve_dtype(dtype)
+        self.lora = lora
         self.generation_config = generation_config or GenerationConfig.from_text_config(config.text)
 
     @classmethod
     def from_params(cls, config: OneVisionConfig, params: dict, dtype: Any = jnp.float32,
                     generation_config: GenerationConfig | None = None) -> "LlavaOnevision":
         dtype = resolve_dtype(dtype)
-        return cls(config, jax.tree.map(lambda x: jnp.asarray(x, dtype), params), dtype, generation_config)
+        return cls(config, jax.tree.map(lambda x: jnp.asarray(x, dtype), params), dtype,
+                   generation_config=generation_config)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, dtype: Any = jnp.float32, mesh: Any = None,
@@ -115,20 +137,48 @@ class LlavaOnevision:
             config, params = checkpoint.load_orbax(path, dtype=dtype, verify=verify, **kwargs)
         else:
             config, params = loading.load_params(path, dtype=dtype, **kwargs)
-        return cls(config, params, dtype, GenerationConfig.from_pretrained(path, config.text))
+        model = cls(config, params, dtype, generation_config=GenerationConfig.from_pretrained(path, config.text))
+        model.source_dir = path
+        return model
+
+    def save_pretrained(self, directory: str | os.PathLike, *, dtype: Any = None,
+                        max_shard_size: int | str = "50GB", overwrite: bool = False) -> os.PathLike:
+        """Write a transformers checkpoint (llava-hf layout) that ``LlavaOnevisionForConditionalGeneration``
+        and ``AutoProcessor.from_pretrained`` load; see :func:`ov_jax.export.save_pretrained`.
+
+        LoRA adapters are merged into their weights. Tokenizer, processor and chat template files are copied
+        from :attr:`source_dir` (set by :meth:`from_pretrained`; assign it for a model built from params).
+        ``dtype`` casts the written weights (default: the params' dtype);
+        ``max_shard_size`` (bytes or "5GB") splits larger models into indexed shards. ``directory`` must be
+        new, empty, or an earlier export to replace with ``overwrite`` (never the source; ``OSError``
+        otherwise). Returns the absolute output directory.
+        """
+        from ov_jax import export
+
+        return export.save_pretrained(self.config, self.params, directory, source=self.source_dir, dtype=dtype,
+                                      max_shard_size=max_shard_size, overwrite=overwrite)
 
     @functools.cached_property
-    def module(self) -> LlavaOnevisionModule:
-        """The same weights as Flax NNX modules (shares the arrays; no copy)."""
-        return LlavaOnevisionModule(self.params, self.config)
+    def _jit_call(self):
+        def call(params, input_ids, mask, positions, tower_inputs, tap_index, tap_weight, is_media, labels,
+                 keep_index, keep_last):
+            hidden = llava.hidden_states(params, input_ids, mask, positions, tower_inputs, tap_index, tap_weight,
+                                         is_media, config=self.config, dtype=self.dtype)
+            kept = lm_head.keep_positions(hidden, keep_last if keep_index is None else keep_index)
+            logits = lm_head.lm_logits(params["text"], kept)
+            if labels is None:
+                return logits, None
+            return logits, lm_head.mean_loss(*lm_head.causal_lm_loss(params["text"], hidden, labels))
+
+        return jax.jit(call, static_argnames=("keep_last",))
 
     @functools.cached_property
-    def _jit_forward(self):
-        return jax.jit(functools.partial(llava.forward, config=self.config, dtype=self.dtype))
+    def _jit_hidden(self):
+        return jax.jit(functools.partial(llava.hidden_states, config=self.config, dtype=self.dtype))
 
-    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,
-                 pixel_values_videos=None, position_ids=None, labels=None) -> OneVisionOutput:
-        """Logits for a full sequence, as transformers' forward (positions default to ``arange``)."""
+    def _inputs(self, input_ids, attention_mask, pixel_values, image_sizes, batch_num_images, pixel_values_videos,
+                position_ids) -> tuple:
+        """Checked device-ready inputs of `llava.hidden_states` (positions default to ``arange``)."""
         input_ids = _as_int_array(input_ids, "input_ids")
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
@@ -140,11 +190,36 @@ class LlavaOnevision:
             position_ids = np.broadcast_to(np.arange(t), (b, t))
         plan = build_media_plan(input_ids, self.config, pixel_values, image_sizes, batch_num_images,
                                 pixel_values_videos)
-        logits = self._jit_forward(self.params, input_ids.astype(np.int32), mask, np.asarray(position_ids, np.int32),
-                                   plan.tower_inputs, plan.tap_index, plan.tap_weight, plan.is_media)
-        loss = None
+        return (input_ids.astype(np.int32), mask, np.asarray(position_ids, np.int32), plan.tower_inputs,
+                plan.tap_index, plan.tap_weight, plan.is_media)
+
+    def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
+                      batch_num_images=None, pixel_values_videos=None, position_ids=None) -> jax.Array:
+        """The decoder's final-normed hidden states ``[B, T, H]`` (``self.dtype``), what the logits are computed
+        from (``lm_head.lm_logits``); arguments as :meth:`__call__`."""
+        return self._jit_hidden(self.params, *self._inputs(input_ids, attention_mask, pixel_values, image_sizes,
+                                                           batch_num_images, pixel_values_videos, position_ids))
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,
+                 pixel_values_videos=None, position_ids=None, labels=None, logits_to_keep=0) -> OneVisionOutput:
+        """Logits for a full sequence, as transformers' forward (positions default to ``arange``).
+
+        ``logits_to_keep``: an int keeps the logits of the last that many positions (0 = all), an integer
+        array of positions keeps those. ``labels [B, T]`` (-100 = ignored) add the mean next-token ``loss``,
+        computed in chunks over the vocabulary from every position whatever ``logits_to_keep`` keeps.
+        """
+        inputs = self._inputs(input_ids, attention_mask, pixel_values, image_sizes, batch_num_images,
+                              pixel_values_videos, position_ids)
+        b, t = inputs[0].shape
+        keep_last, keep_index = _logits_to_keep(logits_to_keep, t)
         if labels is not None:
-            loss = llava.causal_lm_loss(logits, jnp.asarray(_as_int_array(labels, "labels")))
+            labels = _as_int_array(labels, "labels")
+            if labels.ndim == 1:
+                labels = labels[None]
+            if labels.shape != (b, t):
+                raise ValueError(f"labels shape {labels.shape} != input_ids shape {(b, t)}")
+            labels = labels.astype(np.int32)
+        logits, loss = self._jit_call(self.params, *inputs, labels, keep_index, keep_last=keep_last)
         return OneVisionOutput(logits=logits, loss=loss)
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,

@@ -2,9 +2,10 @@
 
 Params are a plain nested dict of arrays (a pytree). This module declares, per leaf, its shape and
 the logical name of each axis; sharding (`ov_jax.sharding`), loading (`ov_jax.loading`), random
-initialisation and abstract 72B planning all read the same declaration. Leaves are plain arrays today
-and may become quantized arrays later (int8/int4 weight-only): code that consumes params goes
-through the helpers in `ov_jax.modeling.layers`.
+initialisation and abstract 72B planning all read the same declaration. A weight is a plain array or a
+dict of arrays (``kernel``, ``bias``, LoRA adapters; later quantized values + scales): code that uses a
+weight goes through `ov_jax.nn.linear`, and every key of such a dict is declared here (with
+``lora=LoraSpec(...)`` for adapters), so sharding, orbax and the tree check handle it unchanged.
 
 Layout (``L`` stacked layers, scanned over):
   vision.patch_embed.kernel [14,14,C,Dv] (HWIO)   .bias [Dv]
@@ -21,11 +22,16 @@ Layout (``L`` stacked layers, scanned over):
   text.layers.{gate,up}.kernel [L,H,I];  down.kernel [L,I,H]
   text.norm.scale [H]
   text.lm_head.kernel [H,V]   (absent when the checkpoint ties it to text.embed)
+
+LoRA (``param_specs(config, lora=LoraSpec(rank, alpha, targets))``): every weight dict whose dotted path
+(e.g. ``text.layers.q``) matches ``targets`` also holds ``lora_a [L?, *in, r]`` (input axes as the kernel's),
+``lora_b [L?, r, *out]`` (output axes as the kernel's) and ``lora_scale [L?]`` (= alpha / rank).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -39,13 +45,40 @@ Params = dict[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
-    """Shape and logical axis names of one weight."""
+    """Shape and logical axis names of one weight. ``n_in``: for a kernel, how many of its axes (after the
+    leading ``layers`` axis, if any) are input axes contracted with the activations; the rest are outputs."""
 
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
+    n_in: int = 1
 
     def __post_init__(self):
         assert len(self.shape) == len(self.axes), (self.shape, self.axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    r"""LoRA adapters: ``rank`` r, ``alpha`` (the update is scaled by alpha / r) and ``targets``, a regular
+    expression that must match the whole dotted path of a weight dict (``re.fullmatch``), e.g.
+    ``r"text\.layers\.(q|k|v|o|gate|up|down)"`` for every linear of the language model."""
+
+    rank: int
+    alpha: float
+    targets: str
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        try:
+            re.compile(self.targets)
+        except re.error as err:
+            raise ValueError(f"LoRA targets {self.targets!r} is not a regular expression: {err}") from None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
 
 
 def _dense(n_in: int, n_out: int, ax_in: str, ax_out: str, *, layers: int | None = None, bias: bool = True):
@@ -75,20 +108,20 @@ def _attention(dim: int, heads: int, kv_heads: int, head_dim: int, layers: int, 
             "bias": ParamSpec((layers, n, head_dim), ("layers", ax, "head_dim")),
         }
 
-    o = {"kernel": ParamSpec((layers, heads, head_dim, dim), ("layers", heads_ax, "head_dim", embed_ax))}
+    o = {"kernel": ParamSpec((layers, heads, head_dim, dim), ("layers", heads_ax, "head_dim", embed_ax), n_in=2)}
     if o_bias:
         o["bias"] = ParamSpec((layers, dim), ("layers", embed_ax))
     return {"q": proj(heads), "k": proj(kv_heads), "v": proj(kv_heads), "o": o}
 
 
-def param_specs(config: OneVisionConfig) -> dict[str, Any]:
-    """Nested dict of :class:`ParamSpec` mirroring the params tree for ``config``."""
+def param_specs(config: OneVisionConfig, lora: LoraSpec | None = None) -> dict[str, Any]:
+    """Nested dict of :class:`ParamSpec` mirroring the params tree for ``config`` (with ``lora``'s adapters)."""
     v, t = config.vision, config.text
     lv, lt = v.num_hidden_layers, t.num_hidden_layers
     p = v.patch_size
     vision = {
         "patch_embed": {
-            "kernel": ParamSpec((p, p, v.num_channels, v.hidden_size), (None, None, None, "vision_embed")),
+            "kernel": ParamSpec((p, p, v.num_channels, v.hidden_size), (None, None, None, "vision_embed"), n_in=3),
             "bias": ParamSpec((v.hidden_size,), ("vision_embed",)),
         },
         "pos_embed": ParamSpec((v.num_patches, v.hidden_size), (None, "vision_embed")),
@@ -122,26 +155,83 @@ def param_specs(config: OneVisionConfig) -> dict[str, Any]:
     }
     if not config.lm_head_tied:
         text["lm_head"] = {"kernel": ParamSpec((t.hidden_size, t.vocab_size), ("embed", "vocab"))}
-    return {
+    specs = {
         "vision": vision,
         "projector": projector,
         "image_newline": ParamSpec((t.hidden_size,), ("embed",)),
         "text": text,
     }
+    return specs if lora is None else _with_lora(specs, lora)
+
+
+def weight_paths(specs: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Every weight dict (one holding a ``kernel``) of a spec or params tree, by dotted path."""
+    found = {}
+    for key, value in specs.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            if "kernel" in value:
+                found[path] = value
+            else:
+                found.update(weight_paths(value, path))
+    return found
+
+
+def lora_targets(specs: dict[str, Any], lora: LoraSpec) -> list[str]:
+    """Dotted paths of the weight dicts ``lora.targets`` selects; an error when it selects none."""
+    paths = weight_paths(specs)
+    chosen = [p for p in paths if re.fullmatch(lora.targets, p)]
+    if not chosen:
+        raise ValueError(f"LoRA targets {lora.targets!r} match no weight; weights are: {', '.join(sorted(paths))}")
+    return chosen
+
+
+def _adapter_specs(kernel: ParamSpec, rank: int) -> dict[str, ParamSpec]:
+    stacked = kernel.axes[0] == "layers"
+    lead = 1 if stacked else 0
+    split = lead + kernel.n_in
+    pre, pre_ax = kernel.shape[:lead], kernel.axes[:lead]
+    return {
+        "lora_a": ParamSpec(kernel.shape[:split] + (rank,), kernel.axes[:split] + (None,), n_in=kernel.n_in),
+        "lora_b": ParamSpec(pre + (rank,) + kernel.shape[split:], pre_ax + (None,) + kernel.axes[split:]),
+        "lora_scale": ParamSpec(pre, pre_ax),
+    }
+
+
+def _with_lora(specs: dict[str, Any], lora: LoraSpec) -> dict[str, Any]:
+    out = jax.tree.map(lambda s: s, specs, is_leaf=is_spec)  # a copy of the dict structure
+    for path in lora_targets(specs, lora):
+        node = out
+        for key in path.split("."):
+            node = node[key]
+        node.update(_adapter_specs(node["kernel"], lora.rank))
+    return out
+
+
+def check_tree(params: Params, config: OneVisionConfig, lora: LoraSpec | None = None) -> None:
+    """Raise ``ValueError`` if ``params`` does not have exactly the declared leaves and shapes."""
+    specs = param_specs(config, lora)
+    want = {jax.tree_util.keystr(p): s.shape for p, s in jax.tree_util.tree_leaves_with_path(specs, is_leaf=is_spec)}
+    have = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    problems = [f"missing {k}" for k in want.keys() - have.keys()]
+    problems += [f"unexpected {k}" for k in have.keys() - want.keys()]
+    problems += [f"{k}: shape {have[k]} != {want[k]}" for k in want.keys() & have.keys() if have[k] != want[k]]
+    if problems:
+        raise ValueError("params do not match the config: " + "; ".join(sorted(problems)))
 
 
 def is_spec(x: Any) -> bool:
     return isinstance(x, ParamSpec)
 
 
-def abstract_params(config: OneVisionConfig, dtype: Any = jnp.float32) -> Params:
+def abstract_params(config: OneVisionConfig, dtype: Any = jnp.float32, lora: LoraSpec | None = None) -> Params:
     """``jax.ShapeDtypeStruct`` tree: for AOT compilation and memory planning without weights."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(config), is_leaf=is_spec)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(config, lora), is_leaf=is_spec)
 
 
-def logical_axes(config: OneVisionConfig) -> Params:
+def logical_axes(config: OneVisionConfig, lora: LoraSpec | None = None) -> Params:
     """Tree of logical axis-name tuples, same structure as the params."""
-    return jax.tree.map(lambda s: s.axes, param_specs(config), is_leaf=is_spec)
+    return jax.tree.map(lambda s: s.axes, param_specs(config, lora), is_leaf=is_spec)
 
 
 def random_params(config: OneVisionConfig, seed: int = 0, dtype: Any = np.float32, scale: float = 0.02) -> Params:

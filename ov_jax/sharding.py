@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from ov_jax.config import OneVisionConfig
-from ov_jax.params import is_spec, param_specs
+from ov_jax.params import LoraSpec, is_spec, param_specs
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +267,10 @@ class ShardingPlan:
 
 
 def plan_param_shardings(config: OneVisionConfig, mesh: Mesh,
-                         rules: Mapping[str, Sequence[str]] | None = None) -> ShardingPlan:
-    """Shardings of every weight of ``config`` on ``mesh``, with the fallbacks (e.g. KV heads < tensor)."""
+                         rules: Mapping[str, Sequence[str]] | None = None, lora: LoraSpec | None = None
+                         ) -> ShardingPlan:
+    """Shardings of every weight of ``config`` (and ``lora``'s adapters) on ``mesh``, with the fallbacks (e.g.
+    KV heads < tensor)."""
     fallbacks: list[Fallback] = []
 
     def one(path, spec):
@@ -276,24 +278,24 @@ def plan_param_shardings(config: OneVisionConfig, mesh: Mesh,
         fallbacks.extend(fb)
         return NamedSharding(mesh, pspec)
 
-    tree = jax.tree_util.tree_map_with_path(one, param_specs(config), is_leaf=is_spec)
+    tree = jax.tree_util.tree_map_with_path(one, param_specs(config, lora), is_leaf=is_spec)
     return ShardingPlan(tree, fallbacks)
 
 
 def param_shardings(config: OneVisionConfig, mesh: Mesh | str,
-                    rules: Mapping[str, Sequence[str]] | None = None) -> Any:
+                    rules: Mapping[str, Sequence[str]] | None = None, lora: LoraSpec | None = None) -> Any:
     """Tree of ``NamedSharding`` matching the params of ``config`` (what the loaders take as ``shardings=``)."""
     mesh = make_mesh(mesh)
-    plan = plan_param_shardings(config, mesh, rules)
+    plan = plan_param_shardings(config, mesh, rules, lora)
     if plan.fallbacks:
         log.info("param shardings on %s: %s", describe_mesh(mesh), plan.summary())
     return plan.shardings
 
 
 def shard_params(params: Any, config: OneVisionConfig, mesh: Mesh | str,
-                 rules: Mapping[str, Sequence[str]] | None = None) -> Any:
+                 rules: Mapping[str, Sequence[str]] | None = None, lora: LoraSpec | None = None) -> Any:
     """Place an in-memory params tree on ``mesh`` (for params already on the host; loaders take shardings)."""
-    shardings = param_shardings(config, mesh, rules)
+    shardings = param_shardings(config, mesh, rules, lora)
     return jax.tree.map(lambda x, s: put_global(x, s) if isinstance(x, np.ndarray) else jax.device_put(x, s),
                         params, shardings)
 
@@ -343,12 +345,19 @@ def kv_cache_shardings(config: OneVisionConfig, mesh: Mesh, batch: int, length: 
     raise ValueError(f"unknown cache layout {layout!r}; expected 'scanned' or 'unrolled'")
 
 
-def constrain(x: jax.Array, mesh: Mesh | None, kind: str | Sequence[str | None],
+def constrain(x: jax.Array, mesh: Mesh | AbstractMesh | None, kind: str | Sequence[str | None],
               rules: Mapping[str, Sequence[str]] | None = None) -> jax.Array:
     """``with_sharding_constraint`` by logical names inside jit; a no-op without a mesh."""
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, activation_sharding(mesh, kind, x.shape, rules))
+
+
+def active_mesh() -> AbstractMesh | None:
+    """The mesh made current with ``jax.set_mesh`` (as an abstract mesh), or None: the model's activation
+    constraints (:func:`constrain`) apply only under one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
 
 
 def axis_multiple(mesh: Mesh | None, logical: str, rules: Mapping[str, Sequence[str]] | None = None) -> int:

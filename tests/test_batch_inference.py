@@ -251,6 +251,16 @@ def test_a_finished_dataset_is_not_run_again_and_loads_no_model(tmp_path):
     assert results.read_bytes() == before
 
 
+def test_module_entry_point_reports_bad_input_in_one_line(tmp_path):
+    """``python -m ov_jax.batch_inference`` (the pod recipes' form): a bad flag is one line, nothing written."""
+    requests = _write_requests(tmp_path / "in.jsonl", 2)
+    result = subprocess.run([sys.executable, "-m", "ov_jax.batch_inference", "--model", str(tmp_path), "--input",
+                             str(requests), "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "0"],
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
+    assert (result.returncode, result.stderr) == (2, "error: --max-new-tokens must be >= 1, got 0\n")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_writer_appends_whole_lines_and_repairs_only_a_torn_tail(tmp_path):
     path = tmp_path / "out.jsonl"
     with ResultWriter(path) as writer:

@@ -287,13 +287,3 @@ def test_placeholder_mismatch_is_a_clear_error(pair):
     ids = np.array([[11] + [ours.config.image_token_id] * 10 + [12]])
     with pytest.raises(MediaMismatchError, match="10 <image> tokens but the images given produce 1998"):
         ours(ids, pixel_values=pv, image_sizes=sizes)
-
-
-def test_nnx_module_view_matches_functional(pair):
-    _, ours = pair
-    module = ours.module
-    pixels = np.random.default_rng(8).standard_normal((1, 3, 384, 384)).astype(np.float32)
-    direct = siglip.vision_features(ours.params["vision"], jnp.asarray(pixels), ours.config)
-    assert _max_diff(module.vision_tower(jnp.asarray(pixels)), direct) == 0.0
-    import jax
-    assert jax.tree.structure(module.params) == jax.tree.structure(ours.params)

@@ -29,6 +29,8 @@ from ov_jax.engine.sampling import SamplingMode, choose_tokens
 from ov_jax.media_plan import NEWLINE_ROW
 from ov_jax.modeling import llava, qwen2
 from ov_jax.modeling.layers import NEG_INF, apply_rope, attention, rms_norm, rope_tables
+from ov_jax.nn.attention import causal_block_attention
+from ov_jax.nn.linear import kernel_of, merged_kernel
 
 LAYOUTS = ("unrolled", "scanned")
 
@@ -67,19 +69,19 @@ def serving_layer(lp: dict) -> dict:
     the left operand (measured on the 0.5B shapes, 2 AVX2 cores: GEMV 1.3x, batch-8 GEMM 1.6-1.8x faster
     than the ``[in, out]`` kernels); fusing halves the number of weight streams per layer.
     """
-    def t2(kernel, n_in):  # [in, ...] -> [out, in]
-        return kernel.reshape(n_in, -1).T
+    def t2(weight, n_in):  # [in, ...] -> [out, in], LoRA adapters folded in
+        return merged_kernel(weight).reshape(n_in, -1).T
 
-    dim = lp["q"]["kernel"].shape[0]
-    qkv = jnp.concatenate([t2(lp[n]["kernel"], dim) for n in ("q", "k", "v")], axis=0)
+    dim = kernel_of(lp["q"]).shape[0]
+    qkv = jnp.concatenate([t2(lp[n], dim) for n in ("q", "k", "v")], axis=0)
     qkv_bias = jnp.concatenate([lp[n]["bias"].reshape(-1) for n in ("q", "k", "v")])
-    o = lp["o"]["kernel"]
+    o = merged_kernel(lp["o"])
     return {
         "input_norm": lp["input_norm"], "post_norm": lp["post_norm"],
         "qkv": {"weight": qkv, "bias": qkv_bias},
         "o": {"weight": o.reshape(-1, o.shape[-1]).T},
-        "gate_up": {"weight": jnp.concatenate([t2(lp["gate"]["kernel"], dim), t2(lp["up"]["kernel"], dim)])},
-        "down": {"weight": t2(lp["down"]["kernel"], lp["down"]["kernel"].shape[0])},
+        "gate_up": {"weight": jnp.concatenate([t2(lp["gate"], dim), t2(lp["up"], dim)])},
+        "down": {"weight": t2(lp["down"], kernel_of(lp["down"]).shape[0])},
     }
 
 
@@ -94,8 +96,8 @@ def serving_layers(stacked: dict) -> list[dict]:
 def serving_lm_head(text: dict) -> jax.Array:
     """The ``[V, H]`` output matrix for decode: the embedding when tied, else the lm_head kernel transposed."""
     if "lm_head" in text:
-        return jax.jit(lambda k: k.T)(text["lm_head"]["kernel"])
-    return text["embed"]
+        return jax.jit(lambda w: merged_kernel(w).T)(text["lm_head"])
+    return merged_kernel(text["embed"])
 
 
 # --- media -------------------------------------------------------------------------------------------------
@@ -124,25 +126,6 @@ def media_add(rows: jax.Array, features: jax.Array, tap_index: jax.Array, tap_we
 
 
 # --- prefill -----------------------------------------------------------------------------------------------
-
-PREFILL_QUERY_BLOCK = 512
-
-
-def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                           block: int = PREFILL_QUERY_BLOCK, attend=attention) -> jax.Array:
-    """``layers.attention`` for a causal mask, by query blocks that only see keys up to the block's end.
-
-    Exact for every query with at least one visible key (the skipped keys are masked for it anyway): about
-    half the score FLOPs of the full square, and score memory bounded by ``block x T`` instead of ``T x T``.
-    """
-    t = q.shape[1]
-    if t <= block:
-        return attend(q, k, v, mask)
-    parts = [attend(q[:, i:i + block], k[:, :i + block], v[:, :i + block], mask[:, i:i + block, :i + block])
-             for i in range(0, t, block)]
-    return jnp.concatenate(parts, axis=1)
-
-
 
 def prefill(params: dict, input_ids: jax.Array, attention_mask: jax.Array, media_rows: jax.Array,
             is_media: jax.Array, config: OneVisionConfig, dtype, attend=attention) -> tuple[jax.Array, qwen2.KVCache]:

@@ -1,1 +1,1 @@
-"""Pure-function model core (jit these) and the NNX modules that hold the same params."""
+"""Pure-function model core: jit these functions of plain params dicts."""

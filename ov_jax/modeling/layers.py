@@ -1,29 +1,19 @@
 """Building blocks shared by the vision tower and the language model.
 
-Pure functions of plain arrays. Weight access goes through :func:`dense` / :func:`project_heads` so
-that a later quantized leaf type only has to be handled here. Norm statistics and softmax run in
-float32 whatever the activation dtype, as in the reference.
+Pure functions of plain arrays. Every weight product goes through `ov_jax.nn.linear`. Norm statistics and
+softmax run in float32 whatever the activation dtype, as in the reference.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)
-
-
-def dense(x: jax.Array, p: dict, *, dtype=None) -> jax.Array:
-    """``x @ kernel + bias`` over the last axis of ``x`` and the first axis of the kernel."""
-    kernel = p["kernel"]
-    dtype = dtype or x.dtype
-    y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=[[x.ndim - 1], [0]])
-    if "bias" in p:
-        y = y + p["bias"].astype(dtype)
-    return y
 
 
 def layer_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
@@ -117,14 +107,20 @@ def attention_by_head(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array 
     return jnp.stack(rows)
 
 
-def project_heads(x: jax.Array, p: dict) -> jax.Array:
-    """``x [..., D]`` with kernel ``[D, heads, hd]`` (+ bias ``[heads, hd]``) → ``[..., heads, hd]``."""
-    return dense(x, p)
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
-def merge_heads(x: jax.Array, p: dict) -> jax.Array:
-    """``x [B, T, heads, hd]`` with kernel ``[heads, hd, D]`` (+ bias ``[D]``) → ``[B, T, D]``."""
-    y = jnp.einsum("bthd,hdo->bto", x, p["kernel"].astype(x.dtype))
-    if "bias" in p:
-        y = y + p["bias"].astype(x.dtype)
-    return y
+def remat_layer(body: Callable, policy: str | None) -> Callable:
+    """``body`` of a layer scan under ``jax.checkpoint`` with a named policy (:data:`REMAT_POLICIES`):
+    ``"none"`` / None keeps every activation for the backward pass, ``"full"`` keeps only each layer's input
+    and recomputes the rest, ``"dots_saveable"`` keeps the matmul outputs. Forward values are identical."""
+    if policy is None or policy == "none":
+        return body
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r} is not one of {sorted(REMAT_POLICIES)}")
+    return jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=False)

@@ -12,7 +12,11 @@ import jax
 import jax.numpy as jnp
 
 from ov_jax.config import TextConfig
-from ov_jax.modeling.layers import apply_rope, attention, dense, merge_heads, project_heads, rms_norm, rope_tables
+from ov_jax.modeling.layers import apply_rope, attention, remat_layer, rms_norm, rope_tables
+from ov_jax.modeling.lm_head import lm_logits  # noqa: F401  (the engine reads the head through qwen2)
+from ov_jax.nn.attention import causal_mask
+from ov_jax.nn.linear import embed_rows, linear
+from ov_jax.sharding import active_mesh, constrain
 
 
 class KVCache(NamedTuple):
@@ -26,7 +30,8 @@ def init_cache(config: TextConfig, batch: int, length: int, dtype) -> KVCache:
 
 
 def embed_tokens(params: dict, input_ids: jax.Array, dtype) -> jax.Array:
-    return jnp.take(params["embed"], input_ids, axis=0).astype(dtype)
+    """Token embeddings ``[*input_ids.shape, H]`` in ``dtype``."""
+    return embed_rows(params["embed"], input_ids, dtype)
 
 
 def attention_mask(key_valid: jax.Array, query_slots: jax.Array, key_slots: jax.Array) -> jax.Array:
@@ -38,17 +43,17 @@ def attention_mask(key_valid: jax.Array, query_slots: jax.Array, key_slots: jax.
 def decoder_layer(x, lp, cos, sin, mask, config: TextConfig, cache_kv=None, write_index=None,
                   attend: Callable = attention):
     h = rms_norm(x, lp["input_norm"], config.rms_norm_eps)
-    q = apply_rope(project_heads(h, lp["q"]), cos, sin)
-    k = apply_rope(project_heads(h, lp["k"]), cos, sin)
-    v = project_heads(h, lp["v"])
+    q = apply_rope(linear(h, lp["q"]), cos, sin)
+    k = apply_rope(linear(h, lp["k"]), cos, sin)
+    v = linear(h, lp["v"])
     if cache_kv is not None:
         ck, cv = cache_kv
         ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), write_index, axis=1)
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), write_index, axis=1)
         k, v, cache_kv = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv)
-    x = x + merge_heads(attend(q, k, v, mask), lp["o"])
+    x = x + linear(attend(q, k, v, mask), lp["o"], n_in=2)
     h = rms_norm(x, lp["post_norm"], config.rms_norm_eps)
-    x = x + dense(jax.nn.silu(dense(h, lp["gate"])) * dense(h, lp["up"]), lp["down"])
+    x = x + linear(jax.nn.silu(linear(h, lp["gate"])) * linear(h, lp["up"]), lp["down"])
     return x, cache_kv
 
 
@@ -61,6 +66,9 @@ def decoder(
     cache: KVCache | None = None,
     write_index: jax.Array | int = 0,
     attend: Callable = attention,
+    *,
+    segment_ids: jax.Array | None = None,
+    remat: str | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Run all layers and the final norm.
 
@@ -68,22 +76,28 @@ def decoder(
     is ``[B, T]``; with a cache it is ``[B, S]`` over cache slots (already marking the T new slots),
     and the new keys/values are written at slots ``write_index … write_index + T - 1``.
     ``attend`` replaces ``layers.attention`` (same signature), e.g. a blocked causal variant for long prompts.
+    ``segment_ids [B, T]`` (no cache; int, 0 = padding): packed rows, attention only within a segment.
+    ``remat``: a `layers.REMAT_POLICIES` name for the layer scan (no cache). The hidden states are constrained
+    to the rules table's ``hidden`` sharding when a mesh is active (``jax.set_mesh``).
     Returns the normalised hidden states and the updated cache.
     """
     t = x.shape[1]
     cos, sin = rope_tables(positions, config.head_dim, config.rope_theta, x.dtype)
-    query_slots = write_index + jnp.arange(t)
-    key_slots = jnp.arange(key_valid.shape[1])
-    mask = attention_mask(key_valid, jnp.broadcast_to(query_slots, (x.shape[0], t)), key_slots)
+    mesh = active_mesh()
 
     if cache is None:
+        mask = causal_mask(key_valid, segment_ids)
+
         def body(h, lp):
             h, _ = decoder_layer(h, lp, cos, sin, mask, config, attend=attend)
-            return h, None
+            return constrain(h, mesh, "hidden"), None
 
-        x, _ = jax.lax.scan(body, x, params["layers"])
+        x, _ = jax.lax.scan(remat_layer(body, remat), constrain(x, mesh, "hidden"), params["layers"])
         new_cache = None
     else:
+        query_slots = write_index + jnp.arange(t)
+        mask = attention_mask(key_valid, jnp.broadcast_to(query_slots, (x.shape[0], t)), jnp.arange(key_valid.shape[1]))
+
         def body(h, xs):
             lp, ck, cv = xs
             h, (ck, cv) = decoder_layer(h, lp, cos, sin, mask, config, (ck, cv), write_index, attend)
@@ -92,12 +106,3 @@ def decoder(
         x, (ks, vs) = jax.lax.scan(body, x, (params["layers"], cache.k, cache.v))
         new_cache = KVCache(ks, vs)
     return rms_norm(x, params["norm"], config.rms_norm_eps), new_cache
-
-
-def lm_logits(params: dict, hidden: jax.Array) -> jax.Array:
-    """Vocabulary logits in float32; a tied checkpoint reuses the embedding matrix."""
-    if "lm_head" in params:
-        kernel = params["lm_head"]["kernel"].astype(hidden.dtype)
-        return jnp.einsum("bth,hv->btv", hidden, kernel, preferred_element_type=jnp.float32)
-    embed = params["embed"].astype(hidden.dtype)
-    return jnp.einsum("bth,vh->btv", hidden, embed, preferred_element_type=jnp.float32)

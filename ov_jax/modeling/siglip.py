@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from ov_jax.config import OneVisionConfig
-from ov_jax.modeling.layers import attention, dense, gelu_tanh, layer_norm, merge_heads, project_heads
+from ov_jax.modeling.layers import attention, gelu_tanh, layer_norm, remat_layer
+from ov_jax.nn.linear import linear
+from ov_jax.sharding import active_mesh, constrain
 
 
 def patch_embed(params: dict, pixels: jax.Array, config: OneVisionConfig, dtype) -> jax.Array:
@@ -25,36 +27,42 @@ def patch_embed(params: dict, pixels: jax.Array, config: OneVisionConfig, dtype)
     n = pixels.shape[0]
     x = pixels[:, :, : s * p, : s * p].astype(dtype)
     x = x.reshape(n, v.num_channels, s, p, s, p).transpose(0, 2, 4, 3, 5, 1)
-    x = x.reshape(n, s * s, p * p * v.num_channels)
-    kernel = params["patch_embed"]["kernel"].reshape(p * p * v.num_channels, v.hidden_size)
-    x = dense(x, {"kernel": kernel, "bias": params["patch_embed"]["bias"]})
+    x = x.reshape(n, s * s, p, p, v.num_channels)
+    x = linear(x, params["patch_embed"], n_in=3)
     return x + params["pos_embed"].astype(dtype)
 
 
 def encoder_layer(x: jax.Array, lp: dict, eps: float, attend: Callable = attention) -> jax.Array:
     """Pre-LN block: bidirectional attention, then tanh-GELU MLP, all projections with bias."""
     h = layer_norm(x, lp["ln1"], eps)
-    q, k, v = (project_heads(h, lp[name]) for name in ("q", "k", "v"))
-    x = x + merge_heads(attend(q, k, v, None), lp["o"])
+    q, k, v = (linear(h, lp[name]) for name in ("q", "k", "v"))
+    x = x + linear(attend(q, k, v, None), lp["o"], n_in=2)
     h = layer_norm(x, lp["ln2"], eps)
-    return x + dense(gelu_tanh(dense(h, lp["fc1"])), lp["fc2"])
+    return x + linear(gelu_tanh(linear(h, lp["fc1"])), lp["fc2"])
 
 
 def vision_features(params: dict, pixels: jax.Array, config: OneVisionConfig, dtype=jnp.float32,
-                    attend: Callable = attention) -> jax.Array:
+                    attend: Callable = attention, *, remat: str | None = None) -> jax.Array:
     """Selected hidden state(s) of the tower: ``[N, 729, Dv · len(feature_layers)]``.
 
-    ``attend`` replaces ``layers.attention`` (same signature), e.g. ``attention_by_head`` on CPU."""
+    ``attend`` replaces ``layers.attention`` (same signature), e.g. ``attention_by_head`` on CPU. ``remat``: a
+    `layers.REMAT_POLICIES` name for the layer scan. Tokens are constrained to the rules table's
+    ``tower_tokens`` sharding when a mesh is active."""
     eps = config.vision.layer_norm_eps
     used = config.vision_layers_used
     layers = params["layers"]
     if used < config.vision.num_hidden_layers:
         layers = jax.tree.map(lambda a: a[:used], layers)
-    x = patch_embed(params, pixels, config, dtype)
+    mesh = active_mesh()
+    x = constrain(patch_embed(params, pixels, config, dtype), mesh, "tower_tokens")
+
+    def layer(h, lp):
+        return constrain(encoder_layer(h, lp, eps, attend), mesh, "tower_tokens")
+
     wanted = config.feature_layers
     if wanted == (used,):
-        x, _ = jax.lax.scan(lambda h, lp: (encoder_layer(h, lp, eps, attend), None), x, layers)
+        x, _ = jax.lax.scan(remat_layer(lambda h, lp: (layer(h, lp), None), remat), x, layers)
         return x
-    _, hidden = jax.lax.scan(lambda h, lp: (encoder_layer(h, lp, eps, attend),) * 2, x, layers)
+    _, hidden = jax.lax.scan(remat_layer(lambda h, lp: (layer(h, lp),) * 2, remat), x, layers)
     states = jnp.concatenate([x[None], hidden], axis=0)  # index i = output of layer i (0 = embeddings)
     return jnp.concatenate([states[i] for i in wanted], axis=-1)
