@@ -437,6 +437,7 @@ ERROR_WALK = [  # (argv, what the one error line must say); relative paths are i
     (GEN + ["--top-p", "inf", "--temperature", "1"], "top_p must be"),
     (GEN + ["--top-p", "0.5"], "--top-p only filter sampled tokens"),
     (GEN + ["--top-k", "-1", "--temperature", "1"], "top_k must be an integer >= 0 (0 = off), got -1"),
+    (GEN + ["--temperature", "1e-300"], "temperature must be > 0 when sampling"),
     (GEN + ["--seed", "x"], "argument --seed: invalid int value: 'x'"),
     # generate: the prompt
     (["generate", "--model", "{tiny}"], "one of the arguments --prompt --prompt-file is required"),
@@ -475,6 +476,7 @@ ERROR_WALK = [  # (argv, what the one error line must say); relative paths are i
     (BATCH[:-1] + ["loop_a"], "output 'loop_a' is a symlink loop"),
     (BATCH[:-1] + ["file.txt/out.jsonl"], "output 'file.txt/out.jsonl' does not exist (a component of it is a file"),
     (BATCH[:-1] + ["file.txt"], "file.txt:1: results line is not a JSON object with an id"),
+    (BATCH[:-1] + ["dup.jsonl"], "dup.jsonl:1: this is a request, not a result"),
     # batch: the requests
     (["batch", "--model", "{tiny}", "--input", "missing.jsonl", "--output", "out.jsonl"],
      "requests file 'missing.jsonl' does not exist"),
@@ -494,6 +496,7 @@ ERROR_WALK = [  # (argv, what the one error line must say); relative paths are i
     (["make-tiny", "{tiny}"], "already exists (an earlier make-tiny output)"),
     (["make-tiny", "out", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
     (["make-tiny", "out", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    (["make-tiny", "out", "--seed", "-5"], "seed must be a non-negative integer, got -5"),
     (["convert", "./missing", "out", "--no-progress"], "checkpoint directory './missing' does not exist"),
     (["convert", "{tiny}", "out", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
     (["convert", "{tiny}", "{converted}", "--no-progress"], "already exists"),

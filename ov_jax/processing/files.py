@@ -104,6 +104,10 @@ def read_processor_files(directory: str | pathlib.Path) -> ProcessorFiles:
     if chat_template is None:
         chat_template = _template_from_tokenizer_config(tokenizer_config.get("chat_template"))
         origin, files = directory / TOKENIZER_CONFIG_FILE, {}
+    if not (chat_template is None or isinstance(chat_template, str) or isinstance(chat_template, dict)
+            and all(isinstance(t, str) for t in chat_template.values())):
+        raise ValueError(f"{origin}: chat_template must be a string or named strings, got "
+                         f"{json.dumps(chat_template)[:80]}")
     names = list(chat_template) if isinstance(chat_template, dict) else ["default"]
     template_files = {name: str(files.get(name, origin)) for name in names}
     return ProcessorFiles(processor, dict(image_processor), dict(video_processor), tokenizer_config, chat_template,

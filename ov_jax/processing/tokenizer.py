@@ -29,6 +29,10 @@ def _token_text(value: Any) -> str | None:
     raise ValueError(f"cannot read a special token from {value!r}")
 
 
+class UnknownTokenError(ValueError):
+    """A token (e.g. a configured image token) that the tokenizer's vocabulary does not hold."""
+
+
 class TextTokenizer:
     """Encode / decode text with a checkpoint's BPE tokenizer and pad batches to numpy arrays."""
 
@@ -64,13 +68,23 @@ class TextTokenizer:
         if config is None:
             config_file = checkpoint_file(directory, "tokenizer_config.json")
             config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        return cls(Tokenizer.from_file(str(tokenizer_file)), config)
+        try:
+            backend = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as err:  # the tokenizers library raises bare Exceptions for unreadable files
+            raise ValueError(f"{tokenizer_file} is not a tokenizer file the tokenizers library can read: "
+                             f"{err}") from None
+        return cls(backend, config)
 
     def _ensure_added_tokens(self, config: Mapping[str, Any]) -> None:
         """Register special tokens named in the config that tokenizer.json lacks (as transformers does)."""
         wanted: list[AddedToken] = []
-        for entry in (config.get("added_tokens_decoder") or {}).values():
-            if isinstance(entry, Mapping) and self.backend.token_to_id(entry["content"]) is None:
+        decoder = config.get("added_tokens_decoder") or {}
+        if not isinstance(decoder, Mapping):
+            raise ValueError(f"tokenizer_config.json: added_tokens_decoder must be an object, got "
+                             f"{type(decoder).__name__}")
+        for entry in decoder.values():
+            if (isinstance(entry, Mapping) and isinstance(entry.get("content"), str)
+                    and self.backend.token_to_id(entry["content"]) is None):
                 wanted.append(AddedToken(entry["content"], special=entry.get("special", True),
                                          lstrip=entry.get("lstrip", False), rstrip=entry.get("rstrip", False),
                                          normalized=entry.get("normalized", False),
@@ -97,9 +111,9 @@ class TextTokenizer:
     # ------------------------------------------------------------------------------------------- lookups
 
     def token_to_id(self, token: str) -> int:
-        token_id = self.backend.token_to_id(token)
+        token_id = self.backend.token_to_id(token) if isinstance(token, str) else None
         if token_id is None:
-            raise KeyError(f"token {token!r} is not in the tokenizer's vocabulary")
+            raise UnknownTokenError(f"token {token!r} is not in the tokenizer's vocabulary")
         return token_id
 
     def id_of(self, name: str) -> int | None:
