@@ -1,4 +1,4 @@
-"""LLaVA-OneVision in JAX/Flax NNX.
+"""LLaVA-OneVision in JAX.
 
 Public names are imported lazily (``_LAZY`` maps each to its module), so ``import ov_jax`` stays cheap and does
 not pull in jax, PIL or tokenizers until they are used.

@@ -289,6 +289,10 @@ def _read_checksums(path: Path) -> dict[str, Any]:
         checksums = json.loads(file.read_text())
         if not (isinstance(checksums.get("files"), dict) and isinstance(checksums.get("arrays"), dict)):
             raise ValueError("no 'files' / 'arrays' tables")
+        bad = [name for name, record in checksums["files"].items() if not isinstance(record, dict)]
+        bad += [name for name, record in checksums["arrays"].items() if not isinstance(record, (dict, type(None)))]
+        if bad:
+            raise ValueError(f"the entry of {bad[0]} is not an object")
     except FileNotFoundError:
         raise CorruptCheckpointError(f"converted checkpoint {path} has no {CHECKSUMS_FILE}, so it cannot be "
                                      "verified; convert it again, or load it with verify=False") from None
@@ -300,10 +304,14 @@ def _read_checksums(path: Path) -> dict[str, Any]:
 def verify_files(path: str | os.PathLike) -> dict[str, Any]:
     """Check every file listed in ``checksums.json`` (size, sha256); returns the checksums table.
 
-    Raises :class:`CorruptCheckpointError` naming the first missing, truncated or changed file.
+    Raises :class:`CorruptCheckpointError` naming the first missing, truncated, changed or unlisted file.
     """
     path = Path(path).absolute()
     checksums = _read_checksums(path)
+    unlisted = sorted(str(p.relative_to(path)) for p in (path / PARAMS_DIR).rglob("*")
+                      if p.is_file() and str(p.relative_to(path)) not in checksums["files"])
+    if unlisted:
+        raise _damaged(path, f"{unlisted[0]} has no entry in {CHECKSUMS_FILE}")
     files = {}
     for name, want in sorted(checksums["files"].items()):
         file = checkpoint_file(path, name)
@@ -331,7 +339,9 @@ def _verify_arrays(path: Path, params: Params, checksums: dict[str, Any]) -> Non
     """One leaf at a time (a host copy of at most one leaf exists at once)."""
     for leaf_path, array in _params_leaves(params):
         name = ".".join(leaf_path)
-        want = checksums["arrays"].get(name)
+        if name not in checksums["arrays"]:
+            raise _damaged(path, f"array {name} has no entry in {CHECKSUMS_FILE}")
+        want = checksums["arrays"][name]  # None: written by a process that could not see all of the array
         if want is None or not _lossless(want.get("dtype"), np.dtype(array.dtype)):
             continue
         if _array_record(np.asarray(array).astype(LOAD_DTYPES[want["dtype"]], copy=False)) != want:

@@ -160,9 +160,9 @@ def compare(model: str | os.PathLike, *, jax_model: str | os.PathLike | None = N
     from tqdm.auto import tqdm
 
     from ov_jax.checkpoint import is_orbax_checkpoint
-    from ov_jax.cli import conversation
     from ov_jax.hub import resolve_checkpoint
     from ov_jax.loading import plan_checkpoint
+    from ov_jax.processing.chat import single_turn
 
     if dtype not in DEFAULT_TOLERANCE:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DEFAULT_TOLERANCE)}")
@@ -189,7 +189,7 @@ def compare(model: str | os.PathLike, *, jax_model: str | os.PathLike | None = N
             bar.set_postfix_str(label)
 
         try:
-            stages, inputs = _run_stages(path, jax_path, conversation(prompt, images, video), video, num_frames,
+            stages, inputs = _run_stages(path, jax_path, single_turn(prompt, images, video), video, num_frames,
                                          dtype, tolerance, max_new_tokens, step)
         finally:
             if hf_bars:
@@ -222,9 +222,7 @@ def _run_stages(path, jax_path, messages, video, num_frames, dtype, tolerance, m
     with torch.no_grad():
         stages += _compare_media(ref, ours, inputs, torch_inputs, tolerance, step)
         step("logits")
-        ours_logits = np.asarray(ours(**inputs).logits)
-        ref_logits = ref(**torch_inputs).logits.float().numpy()
-        stages.append(_numeric_stage("logits", ours_logits, ref_logits, tolerance, top1=True))
+        stages.append(_compare_logits(ref, ours, inputs, torch_inputs, tolerance))
         step("greedy tokens")
         if max_new_tokens > 0:
             from ov_jax.generation import GenerationConfig
@@ -318,6 +316,39 @@ def _compare_media(ref, ours, inputs, torch_inputs, tolerance, step) -> list[Sta
     return stages
 
 
+LOGITS_CHUNK = 256  # positions per logits block: [B, 256, V] float32 at a time on each side
+
+
+def _compare_logits(ref, ours, inputs, torch_inputs, tolerance) -> Stage:
+    """Logits of every position, block by block from each side's final hidden states.
+
+    transformers' logits are its ``lm_head`` applied to ``model(...).last_hidden_state`` and ov_jax's are
+    ``lm_head.lm_logits`` of ``hidden_states``, so comparing them :data:`LOGITS_CHUNK` positions at a time gives
+    the same numbers as comparing the full ``[B, T, V]`` tensors without either side ever holding them.
+    """
+    import jax
+
+    from ov_jax.modeling.lm_head import lm_logits
+
+    ours_hidden = ours.hidden_states(**inputs)
+    ref_hidden = ref.model(**torch_inputs).last_hidden_state
+    logits = jax.jit(lm_logits)
+    max_abs = scale = 0.0
+    agree = 0
+    for start in range(0, ours_hidden.shape[1], LOGITS_CHUNK):
+        ours_block = np.asarray(logits(ours.params["text"], ours_hidden[:, start:start + LOGITS_CHUNK]))
+        ref_block = ref.lm_head(ref_hidden[:, start:start + LOGITS_CHUNK]).float().numpy()
+        if ours_block.shape != ref_block.shape:
+            raise ValueError(f"logits shapes differ: ov_jax {ours_block.shape} vs transformers {ref_block.shape}")
+        max_abs = max(max_abs, float(np.abs(ours_block.astype(np.float64) - ref_block).max()))
+        scale = max(scale, float(np.abs(ref_block).max()))
+        agree += int((ours_block.argmax(-1) == ref_block.argmax(-1)).sum())
+    b, t = ours_hidden.shape[:2]
+    max_rel = max_abs / scale if scale else (0.0 if max_abs == 0 else math.inf)
+    shape = str((b, t, ref.lm_head.out_features))
+    return Stage("logits", shape, max_abs, max_rel, agree / (b * t), max_abs <= tolerance)
+
+
 def _compare_tokens(ref, ours, inputs, torch_inputs, max_new_tokens, stop_ids, pad_id, tolerance) -> Stage:
     """Greedy continuations of both; a first difference on a near-tie (in ov_jax's logits) still passes."""
     ref_out = ref.generate(**torch_inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
@@ -349,7 +380,7 @@ def _tie_margin(ours, inputs, ours_tokens, ref_tokens, first) -> float | None:
     prefix = np.concatenate([ids, np.asarray([ours_tokens[:first]], ids.dtype)], axis=1)
     media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     try:
-        logits = np.asarray(ours(prefix, **media).logits)[0, -1]
+        logits = np.asarray(ours(prefix, **media, logits_to_keep=1).logits)[0, -1]
     except ValueError:  # a generated token is a media placeholder: the prompt no longer matches the media
         return None
     return float(logits[ours_tokens[first]] - logits[ref_tokens[first]])

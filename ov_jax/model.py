@@ -159,18 +159,16 @@ class LlavaOnevision:
                                       max_shard_size=max_shard_size, overwrite=overwrite)
 
     @functools.cached_property
-    def _jit_call(self):
-        def call(params, input_ids, mask, positions, tower_inputs, tap_index, tap_weight, is_media, labels,
-                 keep_index, keep_last):
-            hidden = llava.hidden_states(params, input_ids, mask, positions, tower_inputs, tap_index, tap_weight,
-                                         is_media, config=self.config, dtype=self.dtype)
+    def _jit_logits(self):
+        def logits(text, hidden, keep_index, keep_last):
             kept = lm_head.keep_positions(hidden, keep_last if keep_index is None else keep_index)
-            logits = lm_head.lm_logits(params["text"], kept)
-            if labels is None:
-                return logits, None
-            return logits, lm_head.mean_loss(*lm_head.causal_lm_loss(params["text"], hidden, labels))
+            return lm_head.lm_logits(text, kept)
 
-        return jax.jit(call, static_argnames=("keep_last",))
+        return jax.jit(logits, static_argnames=("keep_last",))
+
+    @functools.cached_property
+    def _jit_loss(self):
+        return jax.jit(lambda text, hidden, labels: lm_head.mean_loss(*lm_head.causal_lm_loss(text, hidden, labels)))
 
     @functools.cached_property
     def _jit_hidden(self):
@@ -219,7 +217,11 @@ class LlavaOnevision:
             if labels.shape != (b, t):
                 raise ValueError(f"labels shape {labels.shape} != input_ids shape {(b, t)}")
             labels = labels.astype(np.int32)
-        logits, loss = self._jit_call(self.params, *inputs, labels, keep_index, keep_last=keep_last)
+        # Three executables, not one: XLA:CPU holds a second [B, T, V] buffer when the logits product is fused
+        # into the same program as the decoder (measured: 5.7 vs 3.0 GB peak at 4,314 tokens, 151,936 vocab).
+        hidden = self._jit_hidden(self.params, *inputs)
+        logits = self._jit_logits(self.params["text"], hidden, keep_index, keep_last=keep_last)
+        loss = None if labels is None else self._jit_loss(self.params["text"], hidden, labels)
         return OneVisionOutput(logits=logits, loss=loss)
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,

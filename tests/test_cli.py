@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from ov_jax import cli
+from ov_jax.processing.chat import single_turn
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_IMAGE = str(cli.SAMPLE_IMAGE)
@@ -90,7 +91,7 @@ def transformers_answer(tiny_dir):
     from ov_jax.compare import reference_processor
 
     processor = reference_processor(tiny_dir)
-    messages = cli.conversation(PROMPT, [Image.open(SAMPLE_IMAGE).convert("RGB")])
+    messages = single_turn(PROMPT, [Image.open(SAMPLE_IMAGE).convert("RGB")])
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt")
     model = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_dir).eval()
@@ -184,7 +185,7 @@ def test_generate_multi_image_video_sampling_matches_the_api(workdir, tiny_dir, 
 
     processor = LlavaOnevisionProcessor.from_pretrained(tiny_dir)
     images = cli.load_images([SAMPLE_IMAGE, SAMPLE_IMAGE])
-    inputs = processor.apply_chat_template(cli.conversation("Compare them.", images, SAMPLE_VIDEO),
+    inputs = processor.apply_chat_template(single_turn("Compare them.", images, SAMPLE_VIDEO),
                                            add_generation_prompt=True, tokenize=True, return_dict=True, num_frames=2)
     assert inputs["batch_num_images"].tolist() == [2] and inputs["pixel_values_videos"].shape[1] == 2
     tokens = LlavaOnevision.from_pretrained(tiny_dir).generate(**inputs, max_new_tokens=10, do_sample=True,
@@ -428,7 +429,7 @@ ERROR_WALK = [  # (argv, what the one error line must say); relative paths are i
     (["generate", "--model", "ckpt_tokenizer_not_utf8", "--prompt", "hi"],
      "ckpt_tokenizer_not_utf8/tokenizer.json is not valid UTF-8 text (byte 0xff at offset 7"),
     (["generate", "--model", "ckpt_tokenizer_not_json", "--prompt", "hi"],
-     "ckpt_tokenizer_not_json/tokenizer.json is not a tokenizer the tokenizers library can read"),
+     "ckpt_tokenizer_not_json/tokenizer.json is not a tokenizer file the tokenizers library can read"),
     (["generate", "--model", "ckpt_tokenizer_config_not_utf8", "--prompt", "hi"],
      "ckpt_tokenizer_config_not_utf8/tokenizer_config.json is not valid UTF-8 text"),
     (["generate", "--model", "ckpt_tokenizer_config_bad_token", "--prompt", "hi"],
@@ -469,6 +470,7 @@ ERROR_WALK = [  # (argv, what the one error line must say); relative paths are i
     (GEN + ["--top-p", "inf", "--temperature", "1"], "top_p must be"),
     (GEN + ["--top-p", "0.5"], "--top-p only filter sampled tokens"),
     (GEN + ["--top-k", "-1", "--temperature", "1"], "top_k must be an integer >= 0 (0 = off), got -1"),
+    (GEN + ["--temperature", "1e-300"], "temperature must be > 0 when sampling"),
     (GEN + ["--seed", "x"], "argument --seed: invalid int value: 'x'"),
     # generate: the prompt
     (["generate", "--model", "{tiny}"], "one of the arguments --prompt --prompt-file is required"),
@@ -510,6 +512,7 @@ ERROR_WALK = [  # (argv, what the one error line must say); relative paths are i
     (BATCH[:-1] + ["loop_a"], "output 'loop_a' is a symlink loop"),
     (BATCH[:-1] + ["file.txt/out.jsonl"], "output 'file.txt/out.jsonl' does not exist (a component of it is a file"),
     (BATCH[:-1] + ["file.txt"], "file.txt:1: results line is not a JSON object with an id"),
+    (BATCH[:-1] + ["dup.jsonl"], "dup.jsonl:1: this is a request, not a result"),
     # batch: the requests
     (["batch", "--model", "{tiny}", "--input", "missing.jsonl", "--output", "out.jsonl"],
      "requests file 'missing.jsonl' does not exist"),
@@ -529,6 +532,7 @@ ERROR_WALK = [  # (argv, what the one error line must say); relative paths are i
     (["make-tiny", "{tiny}"], "already exists (an earlier make-tiny output)"),
     (["make-tiny", "out", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
     (["make-tiny", "out", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    (["make-tiny", "out", "--seed", "-5"], "seed must be a non-negative integer, got -5"),
     (["convert", "./missing", "out", "--no-progress"], "checkpoint directory './missing' does not exist"),
     (["convert", "{tiny}", "out", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
     (["convert", "{tiny}", "{converted}", "--no-progress"], "already exists"),

@@ -7,7 +7,9 @@ A *weight leaf* is either a plain array (the embedding table ``text.embed``) or 
 * ``bias [*out]`` — optional;
 * ``lora_a [*in, r]``, ``lora_b [r, *out]``, ``lora_scale []`` — optional LoRA adapters
   (``y += lora_scale · (x · lora_a) · lora_b``; ``lora_scale`` = alpha / r is a constant: its gradient is
-  stopped here, and it is excluded from training by `ov_jax.nn.lora.is_adapter`).
+  stopped here, and it is excluded from training by `ov_jax.nn.lora.is_adapter`);
+* ``lora_dropout_key [2]``, ``lora_dropout_rate []`` — training only (`ov_jax.train.lora.with_dropout`):
+  the adapter's input is dropped with that rate (inverted dropout), as PEFT's ``lora_dropout``.
 
 Every product with a weight goes through :func:`linear` (or :func:`linear_transposed` / :func:`embed_rows`
 for a ``[V, H]`` table), and every read of a base kernel through :func:`kernel_of`, so a new leaf form
@@ -60,7 +62,12 @@ def linear(x: jax.Array, p: Weight, *, n_in: int = 1, dtype=None, preferred_elem
             y = y + p["bias"].astype(y.dtype)
         if "lora_a" in p:
             a, b = p["lora_a"].astype(dtype), p["lora_b"].astype(dtype)
-            low = jax.lax.dot_general(x, a, ((x_axes, k_axes), ((), ())))
+            x_lora = x
+            if "lora_dropout_key" in p:
+                keep = 1.0 - p["lora_dropout_rate"]
+                kept = jax.random.bernoulli(p["lora_dropout_key"], keep, x.shape)
+                x_lora = jnp.where(kept, x / keep.astype(dtype), 0).astype(dtype)
+            low = jax.lax.dot_general(x_lora, a, ((x_axes, k_axes), ((), ())))
             delta = jnp.tensordot(low, b, axes=[[low.ndim - 1], [0]]) * _lora_scale(p, dtype)
             y = y + delta.astype(y.dtype)
     return y

@@ -194,6 +194,10 @@ def load_image(source: Any, *, timeout_s: float | None = 60.0, max_pixels: int |
         data = text
     elif text.startswith(DATA_URI_PREFIX):
         data = _decode_base64(text, "is not a valid base64 data URI")
+    elif text.startswith("data:") and not os.path.lexists(text):
+        media_type = text[len("data:"):].split(",", 1)[0].split(";", 1)[0] or "none"
+        raise MediaError(f"image {shown} is a data URI of type {media_type!r}, not an image "
+                         f"({DATA_URI_PREFIX}...)")
     else:
         problem = local_path_problem(text)
         if problem is not None:

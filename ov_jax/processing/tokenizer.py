@@ -29,6 +29,10 @@ def _token_text(value: Any) -> str | None:
     raise ValueError(f"cannot read a special token from {value!r}")
 
 
+class UnknownTokenError(ValueError):
+    """A token (e.g. a configured image token) that the tokenizer's vocabulary does not hold."""
+
+
 class TextTokenizer:
     """Encode / decode text with a checkpoint's BPE tokenizer and pad batches to numpy arrays."""
 
@@ -70,7 +74,8 @@ class TextTokenizer:
         try:
             backend = Tokenizer.from_str(text)
         except Exception as err:  # the tokenizers library raises a bare Exception for unreadable files
-            raise ValueError(f"{tokenizer_file} is not a tokenizer the tokenizers library can read: {err}") from None
+            raise ValueError(f"{tokenizer_file} is not a tokenizer file the tokenizers library can read: "
+                             f"{err}") from None
         try:
             return cls(backend, config)
         except (ValueError, KeyError, TypeError) as err:
@@ -79,8 +84,13 @@ class TextTokenizer:
     def _ensure_added_tokens(self, config: Mapping[str, Any]) -> None:
         """Register special tokens named in the config that tokenizer.json lacks (as transformers does)."""
         wanted: list[AddedToken] = []
-        for entry in (config.get("added_tokens_decoder") or {}).values():
-            if isinstance(entry, Mapping) and self.backend.token_to_id(entry["content"]) is None:
+        decoder = config.get("added_tokens_decoder") or {}
+        if not isinstance(decoder, Mapping):
+            raise ValueError(f"added_tokens_decoder must be an object, got "
+                             f"{type(decoder).__name__}")
+        for entry in decoder.values():
+            if (isinstance(entry, Mapping) and isinstance(entry.get("content"), str)
+                    and self.backend.token_to_id(entry["content"]) is None):
                 wanted.append(AddedToken(entry["content"], special=entry.get("special", True),
                                          lstrip=entry.get("lstrip", False), rstrip=entry.get("rstrip", False),
                                          normalized=entry.get("normalized", False),
@@ -107,9 +117,9 @@ class TextTokenizer:
     # ------------------------------------------------------------------------------------------- lookups
 
     def token_to_id(self, token: str) -> int:
-        token_id = self.backend.token_to_id(token)
+        token_id = self.backend.token_to_id(token) if isinstance(token, str) else None
         if token_id is None:
-            raise KeyError(f"token {token!r} is not in the tokenizer's vocabulary")
+            raise UnknownTokenError(f"token {token!r} is not in the tokenizer's vocabulary")
         return token_id
 
     def id_of(self, name: str) -> int | None:
