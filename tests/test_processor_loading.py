@@ -7,6 +7,7 @@ chat_template.jinja). Config values are made non-default so that reading the wro
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from PIL import Image
 
 from ov_jax.compare import reference_processor
 from ov_jax.processing import LlavaOnevisionProcessor
+from ov_jax.processing.tokenizer import TextTokenizer
 
 IMAGE_MEAN, IMAGE_STD = [0.25, 0.5, 0.75], [0.2, 0.3, 0.4]
 VIDEO_MEAN, VIDEO_STD = [0.1, 0.2, 0.3], [0.6, 0.5, 0.4]
@@ -179,6 +181,21 @@ def test_loading_errors(hub_layout, tmp_path):
     (no_tokenizer / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         LlavaOnevisionProcessor.from_pretrained(no_tokenizer)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer.json", b"\xff", "tokenizer.json is not valid UTF-8 text"),
+    ("tokenizer.json", b"[1]", "tokenizer.json is not a tokenizer file the tokenizers library can read"),
+    ("tokenizer_config.json", b"\xff", "tokenizer_config.json is not valid UTF-8 text"),
+    ("tokenizer_config.json", b"{", "tokenizer_config.json is not valid JSON"),
+    ("tokenizer_config.json", b'{"pad_token": 5}', "tokenizer_config.json: cannot read a special token from 5"),
+])
+def test_tokenizer_file_errors_name_the_file(hub_layout, tmp_path, name, content, message):
+    path = tmp_path / "ckpt"
+    shutil.copytree(hub_layout, path)
+    (path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"{path}/{message}")):
+        TextTokenizer.from_directory(path)
 
 
 def test_hub_id_offline_gives_a_clear_error(monkeypatch, tmp_path):
