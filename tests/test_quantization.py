@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 
 from loading_helpers import assert_trees_equal
-from ov_jax import sharding as sh
 from ov_jax.checkpoint import load_orbax, save_orbax
 from ov_jax.config import QuantConfig
 from ov_jax.geometry import image_token_count, video_token_count
 from ov_jax.model import LlavaOnevision
 from ov_jax.nn.linear import kernel_of, table_of, unpack_int4
-from ov_jax.nn.quant import quantize_params, weight_bytes
+from ov_jax.nn.quant import _pack_int4, quantize_params, weight_bytes
 from ov_jax.params import check_tree, param_specs, random_params
 from ov_jax.presets import preset
 
@@ -54,8 +53,6 @@ def test_lm_weight_bytes_shrink_on_arrays(tiny_ckpt, mode, ratio):
 
 def test_int4_packing_and_dequantization_round_trip():
     values = np.arange(-8, 8, dtype=np.int8).reshape(2, 8)
-    from ov_jax.nn.quant import _pack_int4
-
     packed = _pack_int4(jnp.asarray(values), 1)
     assert packed.dtype == jnp.uint8 and packed.shape == (2, 4)
     np.testing.assert_array_equal(unpack_int4(packed, 1), values)
