@@ -121,3 +121,11 @@ def test_greedy_is_first_argmax_and_rows_mix_greedy_and_sampling():
     mixed = np.array([True, False] * 3)
     sampled = choose(logits, mixed, 0, 0, top_k=0, top_p=1.0, temperature=50.0)
     np.testing.assert_array_equal(sampled[~mixed], want[~mixed])
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (0, 0.9)])
+def test_a_tiny_temperature_samples_the_argmax_not_nan(top_k, top_p):
+    """logits / 1e-30 overflows float32 for every logit above ~3.4e8 * 1e-30; the limit of sampling is greedy."""
+    logits = jnp.asarray(np.tile(hand_made_logits(), (4, 1)))
+    tokens = choose(logits, np.ones(24, bool), 0, 0, temperature=1e-38, top_k=top_k, top_p=top_p)
+    np.testing.assert_array_equal(tokens, np.argmax(np.asarray(logits), axis=-1))

@@ -68,7 +68,10 @@ def choose_tokens_rows(logits: jax.Array, do_sample: jax.Array, temperature: jax
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sampled():
-        filtered = filter_logits_rows(logits, jnp.where(do_sample, temperature, 1.0), top_k, top_p_threshold)
+        # Shifted so each row's top logit is 0 (sampling is shift-invariant): a temperature so small that
+        # logits / temperature overflows then gives 0 and -inf (the argmax) instead of inf - inf = nan.
+        shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+        filtered = filter_logits_rows(shifted, jnp.where(do_sample, temperature, 1.0), top_k, top_p_threshold)
         draw = jax.vmap(lambda kd, s, row: jax.random.categorical(
             jax.random.fold_in(jax.random.wrap_key_data(kd), s), row))
         return draw(keys, step, filtered).astype(jnp.int32)

@@ -16,9 +16,10 @@ import numpy as np
 
 from ov_jax.config import OneVisionConfig
 from ov_jax.engine.sampling import choose_tokens_rows, row_keys
-from ov_jax.engine.steps import _decode_unrolled, _project
+from ov_jax.engine.steps import _decode_unrolled
 from ov_jax.modeling import qwen2
 from ov_jax.modeling.layers import rms_norm, rope_tables
+from ov_jax.nn.linear import matmul
 
 MAX_STOP_IDS = 16
 
@@ -123,7 +124,7 @@ def decode_step(params: dict, layers: list[dict] | None, cache: Any, state: Deco
         hidden, cache = _decode_unrolled(layers, cache, x[:, 0].T, cos, sin, key_valid, w, config.text)
         hidden = rms_norm(hidden, text["norm"], config.text.rms_norm_eps, axis=0)
         # the barrier keeps the [V, B] product in its fast form; the transpose after it is a small copy
-        logits = jax.lax.optimization_barrier(_project(text["lm_head_t"], hidden, jnp.float32)).T
+        logits = jax.lax.optimization_barrier(matmul(text["lm_head_t"], hidden, jnp.float32)).T
     advance = live.astype(jnp.int32)
     state = state._replace(key_valid=key_valid, positions=state.positions + advance,
                            write_index=jnp.minimum(w + advance, key_valid.shape[1] - 1), step=state.step + advance)
