@@ -14,7 +14,7 @@ fails to compile and is reported with the temporaries it asked for. ``cpu``: the
 simulated devices, a stand-in for GPU hosts. Its weight and KV columns are exact, but its temporaries are not
 representative: XLA:CPU upcasts bf16 dot operands to f32 (f32 copies of weights) and fuses differently.
 
-    PYTHONPATH=/tmp/tpu_site python benchmarks/aot_plan.py --out docs/aot_plan.md
+    PYTHONPATH=DIR python benchmarks/aot_plan.py --out docs/aot_plan.md
 
 Slow (minutes; each compile holds the full HLO of the model) and not part of the tests.
 """

@@ -14,10 +14,11 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("src", help="checkpoint directory (config.json + safetensors) or Hugging Face Hub id")
-    parser.add_argument("dst", help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("dst", help="output directory: new, empty, or an earlier convert output (--overwrite)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="cast the weights (default: keep the file's dtype)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace DST if it is an earlier convert output (nothing else is ever replaced)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 

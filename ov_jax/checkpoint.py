@@ -4,25 +4,35 @@ Layout of a converted directory (a complete model directory, loadable by ``Llava
 
     config.json        the source config.json plus {"ov_jax": OneVisionConfig.to_dict()}
     params/            orbax checkpoint of the params tree (uncompressed, one array per leaf)
+    checksums.json     sha256 and size of every file under params/, and sha256 of every array's bytes
     tokenizer.json, chat_template.jinja, preprocessor_config.json, ...   copied from the source
+    .ov_jax-output.json   the output marker (`ov_jax.outputs`): only such a directory is ever overwritten
 
 Writing streams leaf by leaf (orbax partial saves, finalized at the end), so peak host memory is about the
-largest params leaf plus orbax's write buffer for it. Output is atomic: everything is written to a hidden
-temporary directory beside ``dst`` and renamed at the end; an interrupted run leaves no ``dst``.
+largest params leaf plus orbax's write buffer for it. Output is atomic (`ov_jax.outputs.atomic_output_dir`):
+everything is written to a hidden temporary directory beside ``dst`` and renamed at the end; an interrupted
+or failed run (disk full, read-only) leaves no ``dst`` and no temporary.
+
+Loading verifies the checkpoint unless ``verify=False``: every file under params/ against its size and
+sha256 (whatever the sharding), and, when the params are loaded unsharded in the stored dtype or a wider one,
+every array's bytes against the sha256 taken when it was written. Damage is a :class:`CorruptCheckpointError`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
+import logging
 import math
 import os
+import re
 import resource
 import shutil
 import sys
 import time
-import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -32,16 +42,29 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from ov_jax.config import OneVisionConfig, load_config
-from ov_jax.hub import resolve_checkpoint
-from ov_jax.loading import (CheckpointError, flat_shardings, plan_checkpoint, read_leaf, resolve_load_dtype,
-                            set_path)
+from ov_jax.hub import checkpoint_file, resolve_checkpoint
+from ov_jax.loading import (LOAD_DTYPES, CheckpointError, flat_shardings, plan_checkpoint, read_leaf,
+                            resolve_load_dtype, set_path)
+from ov_jax.outputs import MARKER, atomic_output_dir
 from ov_jax.params import Params, is_spec, param_specs
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
+CHECKSUMS_FILE = "checksums.json"
+OUTPUT_KIND = "convert"  # the outputs marker kind of every converted directory (convert and save_orbax)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ckpt", ".gguf")
-_NOT_COPIED = {CONFIG_FILE, "model.safetensors.index.json", "pytorch_model.bin.index.json"}
-_TMP_MARK = ".ov_jax-tmp-"
+_NOT_COPIED = {CONFIG_FILE, CHECKSUMS_FILE, MARKER, "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+_CHUNK = 1 << 24
+_HASH_THREADS = min(8, os.cpu_count() or 1)
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A converted checkpoint whose files or arrays do not match the checksums written with them, or that
+    orbax cannot read: the message names the checkpoint and the damaged file or array."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a converted checkpoint failed (disk full, read-only destination...); nothing was left behind."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +99,9 @@ def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
     """True for a directory written by :func:`convert` / :func:`save_orbax`."""
     path = Path(path)
     try:
-        return (path / PARAMS_DIR).is_dir() and "ov_jax" in json.loads((path / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        config = json.loads(checkpoint_file(path, CONFIG_FILE).read_text())
+        return (path / PARAMS_DIR).is_dir() and isinstance(config, dict) and "ov_jax" in config
+    except (OSError, ValueError):
         return False
 
 
@@ -88,51 +112,91 @@ def _orbax_context() -> ocp.v1.Context:
     return context
 
 
-def _remove_stale_temporaries(dst: Path) -> None:
-    """Delete temporaries of earlier conversions into ``dst`` whose process is gone (e.g. killed)."""
-    for stale in dst.parent.glob(f".{dst.name}{_TMP_MARK}*"):
-        pid = stale.name[len(f".{dst.name}{_TMP_MARK}"):].split("-")[0]
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(stale, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Hold back absl's log records (orbax logs each failed background write with its traceback) while
+    orbax runs: a failure is raised as one exception that says everything."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _short_reason(err: BaseException) -> str:
+    """One short line for an orbax / TensorStore / OS error (their messages run to thousands of characters)."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = " ".join(str(err).split())
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code:
+        return os.strerror(int(code.group(1)))
+    text = re.sub(r"^[A-Z_]+: ", "", text)
+    return text[:200] + ("..." if len(text) > 200 else "") or type(err).__name__
 
 
 @contextlib.contextmanager
-def _atomic_directory(dst: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``dst`` only if the block completes."""
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(dst)
-    tmp = dst.parent / f".{dst.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+def _writing(dst: str | os.PathLike) -> Iterator[None]:
+    """Turn a failed write (disk full, read-only, orbax error) into one :class:`CheckpointWriteError`."""
     try:
-        yield tmp
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.ov_jax-old-{uuid.uuid4().hex[:8]}"
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with _quiet_orbax():
+            yield
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, RuntimeError) as err:  # orbax reports TensorStore write failures as ValueError
+        raise CheckpointWriteError(f"cannot write {Path(dst).absolute()}: {_short_reason(err)}; nothing was "
+                                   "written") from err
 
 
-def _write_params(directory: Path, leaves: Iterable[tuple[tuple[str, ...], Any]]) -> None:
-    """Save (path, array) pairs one at a time into one orbax checkpoint at ``directory``."""
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _array_record(array: Any) -> dict[str, Any] | None:
+    """dtype, shape and sha256 of an array's bytes (C order); None when this process cannot see all of it."""
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        return None
+    host = np.ascontiguousarray(np.asarray(array))
+    digest = hashlib.sha256(host.reshape(-1).view(np.uint8)).hexdigest()
+    return {"dtype": host.dtype.name, "shape": list(host.shape), "sha256": digest}
+
+
+def _write_checksums(directory: Path, arrays: dict[str, Any]) -> None:
+    params = directory / PARAMS_DIR
+    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256_file(p)}
+             for p in sorted(params.rglob("*")) if p.is_file()}
+    (directory / CHECKSUMS_FILE).write_text(json.dumps(
+        {"algorithm": "sha256", "files": files, "arrays": arrays}, indent=1, sort_keys=True) + "\n")
+
+
+def _write_params(directory: Path, leaves: Iterable[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
+    """Save (path, array) pairs one at a time into one orbax checkpoint at ``directory``; returns each
+    array's checksum record keyed by its dotted path."""
+    arrays = {}
     with _orbax_context():
         for path, array in leaves:
+            arrays[".".join(path)] = _array_record(array)
             tree: dict = {}
             set_path(tree, path, array)
             ocp.v1.partial.save(directory, tree)
             del tree, array
         ocp.v1.partial.finalize(directory)
+    return arrays
+
+
+def copy_model_files(source: Path, directory: Path) -> None:
+    """Copy the files directly in ``source`` that are not weights, weight indexes, checksums or config.json
+    (tokenizer, processor, chat template, generation config...) into ``directory``; subdirectories are not
+    entered, and a link leading outside the checkpoint is a ``CheckpointError`` (`ov_jax.hub.checkpoint_file`)."""
+    for file in sorted(source.iterdir()):
+        if file.is_file() and file.name not in _NOT_COPIED and not file.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy(checkpoint_file(source, file.name), directory / file.name)  # follows hub-cache links
 
 
 def _write_model_files(directory: Path, config: OneVisionConfig, source: Path | None) -> None:
@@ -140,12 +204,10 @@ def _write_model_files(directory: Path, config: OneVisionConfig, source: Path | 
     raw: dict[str, Any] = {}
     if source is not None:
         try:
-            raw = json.loads((source / CONFIG_FILE).read_text())
+            raw = json.loads(checkpoint_file(source, CONFIG_FILE).read_text())
         except (OSError, json.JSONDecodeError):
             raw = {}
-        for file in sorted(source.iterdir()):
-            if file.is_file() and file.name not in _NOT_COPIED and not file.name.endswith(_WEIGHT_SUFFIXES):
-                shutil.copy(file, directory / file.name)  # follows hub-cache symlinks
+        copy_model_files(source, directory)
     raw["ov_jax"] = config.to_dict()
     (directory / CONFIG_FILE).write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
 
@@ -163,17 +225,18 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, *
     store = None if dtype is None else resolve_load_dtype(dtype)
     sizes = {p: math.prod(leaf.shape) * (store or leaf.file_dtype).itemsize for p, leaf in plan.leaves.items()}
     stored = store or np.result_type(*(leaf.file_dtype for leaf in plan.leaves.values()))
-    with _atomic_directory(dst, overwrite) as tmp:
+    with atomic_output_dir(dst, kind=OUTPUT_KIND, overwrite=overwrite, sources=[source]) as tmp, _writing(dst):
         with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, unit_divisor=1024,
-                  desc=f"converting {source.name}", disable=not progress) as bar:
+                  desc=f"converting {source.name}", disable=not progress, leave=False) as bar:
             def leaves():
                 for path, leaf in plan.leaves.items():
                     bar.set_postfix_str(".".join(path), refresh=False)
                     yield path, read_leaf(leaf, None, store)
                     bar.update(sizes[path])
 
-            _write_params(tmp / PARAMS_DIR, leaves())
+            arrays = _write_params(tmp / PARAMS_DIR, leaves())
         _write_model_files(tmp, plan.config.replace(dtype=np.dtype(stored).name), source)
+        _write_checksums(tmp, arrays)
     return ConversionReport(Path(dst).absolute(), time.perf_counter() - start, len(sizes), sum(sizes.values()),
                             max(sizes.values()), plan.largest_tensor_bytes, rss_before, peak_rss_bytes())
 
@@ -200,18 +263,92 @@ def save_orbax(params: Params, config: OneVisionConfig, dst: str | os.PathLike, 
     if have != want:
         wrong = sorted(set(have.items()) ^ set(want.items()))
         raise ValueError(f"params do not match the config's tree (leaf, shape): {wrong}")
-    with _atomic_directory(dst, overwrite) as tmp:
-        _write_params(tmp / PARAMS_DIR, _params_leaves(params))
+    sources = [] if files_from is None else [files_from]
+    with atomic_output_dir(dst, kind=OUTPUT_KIND, overwrite=overwrite, sources=sources) as tmp, _writing(dst):
+        arrays = _write_params(tmp / PARAMS_DIR, _params_leaves(params))
         _write_model_files(tmp, config, None if files_from is None else Path(files_from))
+        _write_checksums(tmp, arrays)
     return Path(dst).absolute()
 
 
-def load_orbax(path: str | os.PathLike, dtype: Any = None, shardings: Any = None
+def _damaged(path: Path, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"converted checkpoint {path} is damaged: {what}; convert it again "
+                                  "(ov-jax convert)")
+
+
+def _check_links(path: Path) -> None:
+    """No file under params/ may lead outside the checkpoint directory (orbax follows links)."""
+    for file in sorted((path / PARAMS_DIR).rglob("*")):
+        if file.is_symlink():
+            checkpoint_file(path, str(file.relative_to(path)))
+
+
+def _read_checksums(path: Path) -> dict[str, Any]:
+    file = checkpoint_file(path, CHECKSUMS_FILE)
+    try:
+        checksums = json.loads(file.read_text())
+        if not (isinstance(checksums.get("files"), dict) and isinstance(checksums.get("arrays"), dict)):
+            raise ValueError("no 'files' / 'arrays' tables")
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"converted checkpoint {path} has no {CHECKSUMS_FILE}, so it cannot be "
+                                     "verified; convert it again, or load it with verify=False") from None
+    except (OSError, ValueError, AttributeError) as err:
+        raise _damaged(path, f"{CHECKSUMS_FILE} is unreadable ({err})") from None
+    return checksums
+
+
+def verify_files(path: str | os.PathLike) -> dict[str, Any]:
+    """Check every file listed in ``checksums.json`` (size, sha256); returns the checksums table.
+
+    Raises :class:`CorruptCheckpointError` naming the first missing, truncated or changed file.
+    """
+    path = Path(path).absolute()
+    checksums = _read_checksums(path)
+    files = {}
+    for name, want in sorted(checksums["files"].items()):
+        file = checkpoint_file(path, name)
+        if not file.is_file():
+            raise _damaged(path, f"{name} is missing")
+        size = file.stat().st_size
+        if size != want.get("size"):
+            raise _damaged(path, f"{name} has {size} bytes, {want.get('size')} were written")
+        files[name] = file
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:  # hashlib releases the GIL: one file per core
+        digests = dict(zip(files, pool.map(_sha256_file, files.values())))
+    for name, digest in digests.items():
+        if digest != checksums["files"][name].get("sha256"):
+            raise _damaged(path, f"{name} does not match its sha256 checksum")
+    return checksums
+
+
+def _lossless(stored: str, loaded: np.dtype) -> bool:
+    """The loaded dtype holds every stored value exactly, so casting back reproduces the stored bytes."""
+    stored_dtype = LOAD_DTYPES.get(stored)
+    return stored_dtype is not None and (stored_dtype == loaded or loaded == LOAD_DTYPES["float32"])
+
+
+def _verify_arrays(path: Path, params: Params, checksums: dict[str, Any]) -> None:
+    """One leaf at a time (a host copy of at most one leaf exists at once)."""
+    for leaf_path, array in _params_leaves(params):
+        name = ".".join(leaf_path)
+        want = checksums["arrays"].get(name)
+        if want is None or not _lossless(want.get("dtype"), np.dtype(array.dtype)):
+            continue
+        if _array_record(np.asarray(array).astype(LOAD_DTYPES[want["dtype"]], copy=False)) != want:
+            raise _damaged(path, f"array {name} does not match its sha256 checksum")
+
+
+def load_orbax(path: str | os.PathLike, dtype: Any = None, shardings: Any = None, *, verify: bool = True
                ) -> tuple[OneVisionConfig, Params]:
     """Load a converted directory into ``(config, params)``; ``dtype`` default float32.
 
     ``shardings`` (a pytree of ``jax.sharding.Sharding`` matching the params) restores every array
     straight into its target sharding: each device reads only its own slice.
+
+    ``verify`` (default True) checks every file under params/ against ``checksums.json`` before reading
+    (sharded or not), and every loaded array against its own checksum when unsharded and loaded in the
+    stored dtype or float32. Damage, a missing checksums file, or anything orbax cannot read is a
+    :class:`CorruptCheckpointError` naming the checkpoint; ``verify=False`` skips the checksums (faster).
     """
     path = Path(path).absolute()  # orbax needs absolute paths
     if not is_orbax_checkpoint(path):
@@ -220,16 +357,30 @@ def load_orbax(path: str | os.PathLike, dtype: Any = None, shardings: Any = None
     config = load_config(path)
     dtype = resolve_load_dtype(dtype)
     specs = _flat_specs(config)
+    _check_links(path)
+    checksums = verify_files(path) if verify else None
+    try:
+        with _quiet_orbax():
+            metadata = ocp.v1.metadata(path / PARAMS_DIR).metadata
+    except Exception as err:
+        raise _damaged(path, f"orbax cannot read its metadata ({_short_reason(err)})") from None
     stored = {tuple(getattr(k, "key", k) for k in p): tuple(m.shape) for p, m in
-              jax.tree_util.tree_leaves_with_path(ocp.v1.metadata(path / PARAMS_DIR).metadata)}
+              jax.tree_util.tree_leaves_with_path(metadata)}
     want = {p: spec.shape for p, spec in specs.items()}
     if stored != want:
-        raise CheckpointError(f"{path / PARAMS_DIR} does not match its config: "
-                              f"{sorted(set(stored.items()) ^ set(want.items()))}")
+        differ = sorted(set(stored) ^ set(want) | {p for p in set(stored) & set(want) if stored[p] != want[p]})
+        shown = ", ".join(".".join(p) for p in differ[:3]) + (", ..." if len(differ) > 3 else "")
+        raise _damaged(path, f"{PARAMS_DIR}/ does not match its config ({len(differ)} leaves differ in name or "
+                             f"shape: {shown})")
     placement = flat_shardings(shardings, list(specs))
     abstract: Params = {}
     for leaf_path, spec in specs.items():
         set_path(abstract, leaf_path, jax.ShapeDtypeStruct(spec.shape, dtype, sharding=placement[leaf_path]))
-    with _orbax_context():
-        params = ocp.v1.load(path / PARAMS_DIR, abstract)
+    try:
+        with _orbax_context(), _quiet_orbax():
+            params = ocp.v1.load(path / PARAMS_DIR, abstract)
+    except Exception as err:
+        raise _damaged(path, f"orbax cannot read its arrays ({_short_reason(err)})") from None
+    if checksums is not None and shardings is None:
+        _verify_arrays(path, params, checksums)
     return config, params

@@ -2,14 +2,14 @@
 
     ov-jax make-tiny OUT
     ov-jax convert SRC DST [--dtype bfloat16]
-    ov-jax generate --model M [--image P ...] [--video P --num-frames N] --prompt TEXT [...]
+    ov-jax generate --model M [--image P ...] [--video P --num-frames N] (--prompt TEXT | --prompt-file PATH) [...]
     ov-jax compare --model M [--image P ...] [--video P] [--prompt TEXT] [--dtype D] [--tolerance X]
     ov-jax batch --model M --input requests.jsonl --output answers.jsonl [--mesh ...]
     ov-jax bench [-- benchmark options ...]
 
-Every bad input ends in one line ``error: ...`` on stderr and exit status 2 (set ``OV_JAX_TRACEBACK=1``
-to see the traceback instead); ``compare`` exits 1 when a stage is over its tolerance. Heavy imports
-(jax, torch) happen inside the subcommands, so ``ov-jax --help`` is instant.
+Every bad input, a bad flag included, ends in one line ``error: ...`` on stderr and exit status 2 (set
+``OV_JAX_TRACEBACK=1`` to see the traceback instead); ``compare`` exits 1 when a stage is over its tolerance.
+Heavy imports (jax, torch) happen inside the subcommands, so ``ov-jax --help`` is instant.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import pathlib
 import subprocess
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
+
+from ov_jax.paths import check_file, decode_utf8, read_text
 
 EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
 ASSETS = pathlib.Path(__file__).parent / "assets"
@@ -34,48 +36,66 @@ class UsageError(ValueError):
     """A command-line value that cannot work (reported as one line, like every other bad input)."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` after every option that has a meaningful default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == [] \
+                or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one ``error: ...`` line (exit 2) like every other bad input, and every
+    option's help shows its default."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"error: {message} (see {self.prog} --help)\n")
+
+
 # --------------------------------------------------------------------------------------------- inputs
 
 
-def check_file(path: str, what: str) -> str:
-    """``path`` if it is a readable file, else a :class:`UsageError` naming ``what`` it should have been."""
-    if not os.path.exists(path):
-        raise UsageError(f"{what} {path!r} does not exist")
-    if not os.path.isfile(path):
-        raise UsageError(f"{what} {path!r} is not a file")
-    if not os.access(path, os.R_OK):
-        raise UsageError(f"{what} {path!r} is not readable")
-    return path
+def load_images(sources: Sequence[str]) -> list:
+    """Load every image now (paths, http(s) URLs or base64, as the processor reads them), so a bad one fails
+    before any model is loaded."""
+    from ov_jax.processing.media import load_image
 
-
-def load_images(paths: Sequence[str]) -> list:
-    """Open every image fully now (RGB), so an unreadable file fails before any model is loaded."""
-    from PIL import Image, UnidentifiedImageError
-
-    images = []
-    for path in paths:
-        check_file(path, "image")
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise UsageError(f"cannot read image {path!r}: {err}") from None
-    return images
+    return [load_image(source) for source in sources]
 
 
 def check_video(path: str) -> str:
     """``path`` if PyAV can open it as a video: a broken file fails here, in one line, before the decoders
     (which print their own native errors) ever see it."""
-    import av
+    from ov_jax.processing.video import check_video_file
 
-    check_file(path, "video")
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise UsageError(f"{path!r} has no video stream")
-    except av.FFmpegError as err:
-        raise UsageError(f"cannot read video {path!r}: {err}") from None
-    return path
+    return check_video_file(path)
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str | None:
+    """The prompt given as ``--prompt TEXT`` or ``--prompt-file PATH`` (``-`` = stdin; one final newline is
+    dropped); text that is not valid UTF-8, or only whitespace, is an error naming where it came from."""
+    if prompt_file is None:
+        if prompt is None:
+            return None
+        text, where = prompt, "--prompt"
+        try:
+            text.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates
+        except UnicodeEncodeError:
+            raise UsageError("--prompt is not valid UTF-8 text") from None
+    else:
+        if prompt_file == "-":
+            text, where = decode_utf8(sys.stdin.buffer.read(), "the prompt on stdin"), "the prompt on stdin"
+        else:
+            text, where = read_text(prompt_file, "prompt file"), f"prompt file {prompt_file!r}"
+        text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    if not text.strip():
+        raise UsageError(f"{where} is empty")
+    return text
 
 
 # ----------------------------------------------------------------------------------------- make-tiny
@@ -84,10 +104,8 @@ def check_video(path: str) -> str:
 def run_make_tiny(args: argparse.Namespace) -> int:
     from ov_jax.tiny import make_tiny
 
-    out = pathlib.Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise UsageError(f"{out} already exists and is not an empty directory; pass --overwrite to write into it")
-    make_tiny(out, seed=args.seed, tie_word_embeddings=args.tied, dtype=args.dtype)
+    out = make_tiny(args.out, seed=args.seed, tie_word_embeddings=args.tied, dtype=args.dtype,
+                    overwrite=args.overwrite)
     print(f"wrote a tiny random-weight LLaVA-OneVision checkpoint to {out} (transformers layout, {args.dtype}"
           f"{', tied embeddings' if args.tied else ''}); its answers are random text")
     return EXIT_OK
@@ -174,21 +192,31 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_frames < 1:
         raise UsageError(f"--num-frames must be >= 1, got {args.num_frames}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    sampling_only = [flag for flag, value, default in (("--top-p", args.top_p, 1.0), ("--top-k", args.top_k, 0))
-                     if value != default]
-    if sampling_only and args.temperature == 0:
-        raise UsageError(f"{' and '.join(sampling_only)} only filter sampled tokens: add --temperature T (T > 0) "
-                         "to sample")
-    if not 0.0 < args.top_p <= 1.0:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    from ov_jax.generation import GenerationConfig
+
+    overrides = sampling_overrides(args)
+    GenerationConfig().merged(**overrides)  # a bad value is named before anything loads
+    _check_filters_apply(args, overrides["do_sample"])
     if args.video is not None:
         check_video(args.video)
-    if not args.prompt.strip():
-        raise UsageError("--prompt is empty")
+    args.prompt = read_prompt(args.prompt, args.prompt_file)
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``generate`` keywords from the sampling flags; unset flags stay ``None`` (the checkpoint's defaults).
+    ``--temperature 0`` means greedy, a positive temperature samples with it."""
+    greedy = args.temperature == 0
+    return {"do_sample": None if args.temperature is None else not greedy,
+            "temperature": None if greedy else args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+
+
+def _check_filters_apply(args: argparse.Namespace, do_sample: bool | None) -> None:
+    """``--top-k`` / ``--top-p`` only filter sampled tokens: refuse them on a greedy run (``None``: not known yet,
+    the checkpoint's generation config decides)."""
+    given = [flag for flag, value in (("--top-p", args.top_p), ("--top-k", args.top_k)) if value is not None]
+    if given and do_sample is False:
+        raise UsageError(f"{' and '.join(given)} only filter sampled tokens, and this run is greedy (--temperature 0 "
+                         "or the checkpoint's generation config): add --temperature T (T > 0) to sample")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -199,7 +227,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
     model_dir = resolve_checkpoint(args.model)
 
-    from ov_jax.config import stop_and_pad_ids
     from ov_jax.model import LlavaOnevision
     from ov_jax.processing.chat import single_turn
     from ov_jax.processing.processor import LlavaOnevisionProcessor
@@ -219,23 +246,25 @@ def run_generate(args: argparse.Namespace) -> int:
         bar.set_postfix_str("done")
 
     from ov_jax.engine import SamplingMode, engine_for
+    from ov_jax.generation import check_max_positions
 
-    do_sample = args.temperature > 0
+    overrides = sampling_overrides(args)
+    generation = model.generation_config.merged(max_new_tokens=args.max_new_tokens, **overrides)
+    _check_filters_apply(args, generation.do_sample)
     buckets = engine_for(model).buckets
     prompt_length, media_tokens = inputs["input_ids"].shape[1], _media_token_count(inputs, model)
+    check_max_positions(model.config.text, prompt_length, args.max_new_tokens, args.allow_beyond_max_positions)
     prompt_bucket = buckets.prompt_bucket(prompt_length, media_tokens)
     buckets.cache_bucket(prompt_bucket, args.max_new_tokens, prompt_length, media_tokens)  # too long: clear error
-    mode = SamplingMode.from_args(do_sample, args.top_k, args.top_p)
+    mode = SamplingMode.from_args(generation.do_sample, generation.top_k, generation.top_p)
     model.warmup(batch_sizes=(buckets.batch_bucket(1),), prompt_lengths=(prompt_bucket,),
                  max_new_tokens=args.max_new_tokens, sampling=(mode,),
                  media="pixel_values" in inputs or "pixel_values_videos" in inputs)
 
-    stop_ids, _ = stop_and_pad_ids(model_dir, model.config)
-    streamer = StdoutStreamer(processor, stop_ids)
+    streamer = StdoutStreamer(processor, generation.eos_token_id)
     start = time.perf_counter()
-    model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=do_sample,
-                   temperature=args.temperature if do_sample else 1.0, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed, stop_token_ids=stop_ids, streamer=streamer)
+    model.generate(**inputs, max_new_tokens=args.max_new_tokens, seed=args.seed, streamer=streamer,
+                   allow_beyond_max_positions=args.allow_beyond_max_positions, **overrides)
     elapsed = time.perf_counter() - start
     first = (streamer.first_token_time or start) - start
     decode = f"{(streamer.count - 1) / (elapsed - first):.1f}" if streamer.count > 1 and elapsed > first else "n/a"
@@ -262,7 +291,8 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.tolerance is not None and not args.tolerance > 0:
         raise UsageError(f"--tolerance must be > 0, got {args.tolerance}")
     result = compare.compare(
-        args.model, jax_model=args.jax_model, images=load_images(args.image), video=args.video, prompt=args.prompt,
+        args.model, jax_model=args.jax_model, images=load_images(args.image), video=args.video,
+        prompt=read_prompt(args.prompt, args.prompt_file),
         num_frames=args.num_frames, dtype=args.dtype, tolerance=args.tolerance, max_new_tokens=args.max_new_tokens)
     print(result.table(), flush=True)
     return EXIT_OK if result.passed else EXIT_MISMATCH
@@ -273,9 +303,9 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def run_batch(args: argparse.Namespace) -> int:
     """Resumable batch inference over a jsonl (`ov_jax.batch_inference`), multi-host when asked."""
-    from ov_jax.batch_inference import run_from_args
+    from ov_jax.batch_inference import check_arguments, run_from_args
 
-    check_file(args.input, "requests file")
+    check_arguments(args)
     if args.mesh is not None and not args.coordinator and not os.environ.get("OV_JAX_COORDINATOR"):
         _make_mesh(args.mesh)  # a bad mesh is reported before the model loads
     print(run_from_args(args), flush=True)
@@ -302,17 +332,17 @@ def run_bench(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; ``command`` (the subcommand about to run) lets heavy subcommands add their flags."""
-    parser = argparse.ArgumentParser(prog="ov-jax", description="LLaVA-OneVision in JAX/Flax: command-line tools.")
+    parser = ArgumentParser(prog="ov-jax", description="LLaVA-OneVision in JAX/Flax: command-line tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     tiny = commands.add_parser("make-tiny", help="write a small random-weight checkpoint (offline)",
                                description="Write a small random-weight LLaVA-OneVision checkpoint in the transformers "
                                            "layout, with a real tokenizer, processor configs and chat template.")
     tiny.add_argument("out", metavar="OUT", help="output directory")
-    tiny.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    tiny.add_argument("--seed", type=int, default=0, help="weights seed")
     tiny.add_argument("--tied", action="store_true", help="tie lm_head to the embeddings (as the 0.5B)")
     tiny.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype in the file")
-    tiny.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    tiny.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier make-tiny output")
 
     from convert.convert_checkpoint import add_arguments
 
@@ -326,15 +356,24 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                           "answer to stdout; the last line reports tokens/s.")
     gen.add_argument("--model", required=True, help="checkpoint directory, converted directory or hub id")
     gen.add_argument("--image", action="append", default=[], metavar="PATH",
-                     help="an image file; repeat for several images (multi-image mode)")
+                     help="an image file, http(s) URL or base64 data; repeat for several images (multi-image mode)")
     gen.add_argument("--video", metavar="PATH", help="a video file")
     gen.add_argument("--num-frames", type=int, default=8, help="frames sampled from --video (default 8)")
-    gen.add_argument("--prompt", required=True, help="the user's question")
-    gen.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy; > 0 samples")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus filter when sampling (default 1 = off)")
-    gen.add_argument("--top-k", type=int, default=0, help="top-k filter when sampling (default 0 = off)")
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the user's question")
+    prompt.add_argument("--prompt-file", metavar="PATH",
+                        help="read the question from a UTF-8 file ('-' = stdin; one final newline is dropped), for "
+                             "prompts longer than a command line allows")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit in tokens")
+    gen.add_argument("--temperature", type=float,
+                     help="0 = greedy, > 0 samples (default: the checkpoint's generation_config.json, else greedy)")
+    gen.add_argument("--top-p", type=float,
+                     help="nucleus filter when sampling, 1 = off (default: the checkpoint's, else 1)")
+    gen.add_argument("--top-k", type=int,
+                     help="top-k filter when sampling, 0 = off (default: the checkpoint's, else 50 as transformers)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--allow-beyond-max-positions", action="store_true",
+                     help="run even when prompt + --max-new-tokens exceeds the model's max_position_embeddings")
     gen.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
     gen.add_argument("--mesh", help="device mesh, e.g. data=2,tensor=4, a preset name or a mesh .json file")
 
@@ -348,7 +387,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     cmp.add_argument("--video", metavar="PATH",
                      help="a video file (decoded and preprocessed by ov_jax for both models)")
     cmp.add_argument("--num-frames", type=int, default=8, help="frames sampled from --video (default 8)")
-    cmp.add_argument("--prompt", help="the user's question (default: a generic describe prompt)")
+    cmp_prompt = cmp.add_mutually_exclusive_group()
+    cmp_prompt.add_argument("--prompt", help="the user's question (default: a generic describe prompt)")
+    cmp_prompt.add_argument("--prompt-file", metavar="PATH", help="read the question from a UTF-8 file ('-' = stdin)")
     cmp.add_argument("--dtype", choices=DTYPES, default="float32", help="both models' dtype (default float32)")
     cmp.add_argument("--tolerance", type=float, help="max abs diff allowed per stage (default: per dtype, see table)")
     cmp.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens compared (default 8; 0 skips)")

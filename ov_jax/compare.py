@@ -209,7 +209,6 @@ def _run_stages(path, jax_path, messages, video, num_frames, dtype, tolerance, m
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     ref = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
     step("loading ov_jax")
-    from ov_jax.config import stop_and_pad_ids
     from ov_jax.model import LlavaOnevision
 
     ours = LlavaOnevision.from_pretrained(jax_path, dtype=dtype)
@@ -224,7 +223,10 @@ def _run_stages(path, jax_path, messages, video, num_frames, dtype, tolerance, m
         stages.append(_compare_logits(ref, ours, inputs, torch_inputs, tolerance))
         step("greedy tokens")
         if max_new_tokens > 0:
-            stop_ids, pad_id = stop_and_pad_ids(path, ours.config)
+            from ov_jax.generation import GenerationConfig
+
+            generation = GenerationConfig.from_pretrained(path, ours.config.text)
+            stop_ids, pad_id = list(generation.eos_token_id), generation.pad_id
             stages.append(_compare_tokens(ref, ours, inputs, torch_inputs, max_new_tokens, stop_ids, pad_id, tolerance))
     return stages, inputs
 
@@ -350,8 +352,9 @@ def _compare_tokens(ref, ours, inputs, torch_inputs, max_new_tokens, stop_ids, p
     ref_out = ref.generate(**torch_inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
                            pad_token_id=pad_id)
     ref_tokens = _until_stop(ref_out[0, inputs["input_ids"].shape[1]:].tolist(), stop_ids)
-    ours_tokens = _until_stop(np.asarray(ours.generate(**inputs, max_new_tokens=max_new_tokens,
-                                                        stop_token_ids=stop_ids))[0].tolist(), stop_ids)
+    ours_tokens = _until_stop(np.asarray(ours.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                                        stop_token_ids=stop_ids, pad_token_id=pad_id))[0].tolist(),
+                              stop_ids)
     length = max(len(ref_tokens), len(ours_tokens))
     agree = sum(a == b for a, b in zip(ours_tokens, ref_tokens)) / length
     shape = f"{len(ours_tokens)} / {len(ref_tokens)} tokens"

@@ -118,13 +118,24 @@ class OneVisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "OneVisionConfig":
-        """Rebuild from :meth:`to_dict` output (our own serialisation, used by orbax checkpoints)."""
+        """Rebuild from :meth:`to_dict` output (our own serialisation, used by orbax checkpoints).
+
+        A field this version does not know is a :class:`ConfigError` naming it; a missing one takes its default.
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(f"the 'ov_jax' config section must be an object, got {type(d).__name__}")
+        _check_fields(cls, d, "ov_jax")
         d = dict(d)
-        vision = VisionConfig(**d.pop("vision"))
-        text = dict(d.pop("text"))
+        for name, section in (("vision", VisionConfig), ("text", TextConfig)):
+            if not isinstance(d.get(name, {}), dict):
+                raise ConfigError(f"the 'ov_jax.{name}' config section must be an object")
+            _check_fields(section, d.get(name, {}), f"ov_jax.{name}")
+        vision = VisionConfig(**d.pop("vision", {}))
+        text = dict(d.pop("text", {}))
         if isinstance(text.get("eos_token_id"), list):
             text["eos_token_id"] = tuple(text["eos_token_id"])
-        d["image_grid_pinpoints"] = tuple(tuple(p) for p in d["image_grid_pinpoints"])
+        if "image_grid_pinpoints" in d:
+            d["image_grid_pinpoints"] = tuple(tuple(p) for p in d["image_grid_pinpoints"])
         if isinstance(d.get("vision_feature_layer"), list):
             d["vision_feature_layer"] = tuple(d["vision_feature_layer"])
         return cls(vision=vision, text=TextConfig(**text), **d)
@@ -161,6 +172,14 @@ class OneVisionConfig:
         if problems:
             raise ConfigError("invalid LLaVA-OneVision config: " + "; ".join(problems))
         return self
+
+
+def _check_fields(cls: type, d: dict[str, Any], section: str) -> None:
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"unknown field{'s' if len(unknown) > 1 else ''} in the {section!r} config section: "
+                          f"{', '.join(f'{section}.{name}' for name in unknown)} (written by a different ov_jax "
+                          "version? convert the checkpoint again)")
 
 
 def parse_anyres_max(vision_aspect_ratio: str) -> int:
@@ -240,8 +259,23 @@ def _is_lmms_lab(d: dict[str, Any]) -> bool:
     return "text_config" not in d and any(k.startswith("mm_") for k in d)
 
 
+MODEL_TYPE = "llava_onevision"  # transformers' LlavaOnevisionConfig
+LMMS_LAB_MODEL_TYPES = ("llava", "llava_qwen")  # the original LLaVA-NeXT code's Qwen2 LLaVA
+
+
+def _check_model_type(d: dict[str, Any]) -> None:
+    model_type = d.get("model_type")
+    allowed = LMMS_LAB_MODEL_TYPES if _is_lmms_lab(d) else (MODEL_TYPE,)
+    if model_type not in allowed:
+        found = "has no model_type" if model_type is None else f"has model_type {model_type!r}"
+        raise ConfigError(f"config.json {found}: not a LLaVA-OneVision checkpoint (expected "
+                          f"{' or '.join(repr(m) for m in allowed)}"
+                          f"{' for the lmms-lab layout' if _is_lmms_lab(d) else ''})")
+
+
 def config_from_hf_dict(d: dict[str, Any]) -> OneVisionConfig:
-    """Parse a transformers or lmms-lab ``config.json`` dict."""
+    """Parse a transformers or lmms-lab ``config.json`` dict; another model type is a :class:`ConfigError`."""
+    _check_model_type(d)
     if _is_lmms_lab(d):
         return _config_from_lmms_lab(d)
     if "text_config" not in d:
@@ -294,31 +328,19 @@ def _config_from_lmms_lab(d: dict[str, Any]) -> OneVisionConfig:
 
 def load_config(path: str | os.PathLike) -> OneVisionConfig:
     """Read ``config.json`` from a checkpoint directory (or the file itself)."""
+    from ov_jax.hub import checkpoint_file
+
     path = os.fspath(path)
-    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    file = checkpoint_file(path, "config.json") if os.path.isdir(path) else path
     try:
-        with open(file) as f:
+        with open(file, encoding="utf-8") as f:
             d = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"no config.json in {path}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{file} must hold a JSON object, got {type(d).__name__}")
     if "ov_jax" in d:  # our own converted checkpoints
         return OneVisionConfig.from_dict(d["ov_jax"])
     return config_from_hf_dict(d)
-
-
-def stop_and_pad_ids(model_dir: str | os.PathLike, config: OneVisionConfig) -> tuple[list[int], int]:
-    """Stop ids and pad id as transformers' ``generate`` takes them: the checkpoint's generation_config.json,
-    then ``config`` (the pad id defaults to the first stop id)."""
-    generation = {}
-    try:
-        with open(os.path.join(model_dir, "generation_config.json")) as f:
-            generation = json.load(f)
-    except (OSError, ValueError):
-        pass
-    eos = generation.get("eos_token_id", config.text.eos_token_id)
-    stops = [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None]
-    pad = generation.get("pad_token_id", config.text.pad_token_id)
-    pad = pad[0] if isinstance(pad, (list, tuple)) else pad
-    return stops, int(stops[0] if pad is None else pad)

@@ -33,6 +33,7 @@ import numpy as np
 from safetensors import safe_open
 
 from ov_jax.config import ConfigError, OneVisionConfig, load_config
+from ov_jax.hub import CheckpointError, checkpoint_file
 from ov_jax.params import Params, ParamSpec, is_spec, param_specs
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -41,10 +42,6 @@ LOAD_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.b
                "float16": np.dtype(np.float16)}
 FILE_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
                "F64": np.dtype(np.float64)}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory cannot be read into the params tree (every problem is listed)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +94,16 @@ class Transform:
         block = _read_slice(tensor, tuple(source_index)).reshape(block_shape)[tuple(inner_index)]
         return block if self.perm is None else block.transpose(self.perm)
 
+    def write(self, leaf: Any) -> np.ndarray:
+        """The checkpoint tensor that :meth:`read` turns into the whole per-layer ``leaf``: its exact inverse.
+
+        ``leaf``: a numpy or jax array of the per-layer leaf shape; returns numpy of :meth:`source_shape`,
+        same dtype (a view where no transpose is needed).
+        """
+        leaf = np.asarray(leaf)
+        view = leaf if self.perm is None else leaf.transpose(np.argsort(self.perm))
+        return view.reshape(self.source_shape(leaf.shape))
+
 
 COPY = Transform("copy")
 LINEAR = Transform("linear [out,in] -> [in,out]", perm=(1, 0))
@@ -123,6 +130,16 @@ LAYOUTS: tuple[tuple[str, str], ...] = (
     ("multi_modal_projector.", "projector."),
     ("image_newline", "image_newline"),
     ("lm_head.", "lm_head."),
+)
+
+# The layout transformers 5.24 ``save_pretrained`` writes (REFERENCE_NOTES §11.2), a subset of ``LAYOUTS``:
+# what export writes, so canonical_key(saved_key(name)) == name.
+SAVE_PRETRAINED_LAYOUT: tuple[tuple[str, str], ...] = (
+    ("vision_tower.", "vision."),
+    ("multi_modal_projector.", "projector."),
+    ("language_model.model.", "text."),
+    ("language_model.lm_head.", "lm_head."),
+    ("image_newline", "image_newline"),
 )
 
 # Canonical checkpoint name → (params path, transform). One row per tensor.
@@ -183,6 +200,14 @@ def canonical_key(key: str) -> tuple[str, tuple[str, str] | None]:
     return key, None
 
 
+def saved_key(canonical_name: str) -> str:
+    """The key transformers' ``save_pretrained`` writes for a canonical name (inverse of :func:`canonical_key`)."""
+    for prefix, canonical in SAVE_PRETRAINED_LAYOUT:
+        if canonical_name.startswith(canonical):
+            return prefix + canonical_name[len(canonical):]
+    raise KeyError(f"{canonical_name!r} is not a canonical checkpoint name")
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
     """One checkpoint tensor feeding (one layer of) a params leaf."""
@@ -222,7 +247,7 @@ def weight_files(directory: str | os.PathLike) -> dict[str, str]:
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
-    index_file = directory / SAFETENSORS_INDEX
+    index_file = checkpoint_file(directory, SAFETENSORS_INDEX)
     if index_file.exists():
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
@@ -230,11 +255,15 @@ def weight_files(directory: str | os.PathLike) -> dict[str, str]:
                 raise TypeError("weight_map is not an object")
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"corrupt {index_file}: {type(err).__name__}: {err}") from None
-        missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+        bad = sorted({repr(f) for f in weight_map.values() if not isinstance(f, str)})
+        if bad:
+            raise CheckpointError(f"corrupt {index_file}: shard names must be strings, got {bad}")
+        shards = {f: checkpoint_file(directory, f) for f in set(weight_map.values())}
+        missing = sorted(f for f, path in shards.items() if not path.is_file())
         if missing:
             raise CheckpointError(f"{index_file} names shard files that do not exist: {missing}")
-        return {key: str(directory / f) for key, f in weight_map.items()}
-    if (directory / SAFETENSORS_FILE).is_file():
+        return {key: str(shards[f]) for key, f in weight_map.items()}
+    if checkpoint_file(directory, SAFETENSORS_FILE).is_file():
         file = str(directory / SAFETENSORS_FILE)
         try:
             with safe_open(file, "numpy") as f:
@@ -309,7 +338,7 @@ def _read_config(directory: Path, shapes: dict[str, tuple[int, ...]]) -> OneVisi
         config = load_config(directory)
     except ConfigError as err:
         raise CheckpointError(f"{err} (a checkpoint directory needs its config.json)") from None
-    raw = json.loads((directory / "config.json").read_text())
+    raw = json.loads(checkpoint_file(directory, "config.json").read_text())
     is_lmms_lab = "ov_jax" not in raw and "text_config" not in raw
     if is_lmms_lab and "vision_config" not in raw:
         config = _infer_lmms_lab_vision(config, shapes)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ov_jax.config import OneVisionConfig
+from ov_jax.generation import GenerationConfig
 from ov_jax.media_plan import build_media_plan
 from ov_jax.modeling import llava, lm_head
 from ov_jax.params import LoraSpec, check_tree
@@ -69,17 +70,27 @@ def _is_converted(path: os.PathLike) -> bool:
     """A directory written by ``ov-jax convert`` (its config.json carries our own ``ov_jax`` section)."""
     import json
 
+    from ov_jax.hub import checkpoint_file
+
     try:
-        with open(os.path.join(path, "config.json")) as f:
+        with open(checkpoint_file(path, "config.json")) as f:
             return "ov_jax" in json.load(f)
     except (OSError, ValueError):
         return False
 
 
 class LlavaOnevision:
-    """LLaVA-OneVision in JAX. Build with :meth:`from_pretrained` or :meth:`from_params`."""
+    """LLaVA-OneVision in JAX. Build with :meth:`from_pretrained` or :meth:`from_params`.
 
-    def __init__(self, config: OneVisionConfig, params: dict, dtype: Any = jnp.float32, lora: LoraSpec | None = None):
+    ``params`` is the one weights tree: assigning a new tree (or replacing a leaf) is what the next
+    ``generate`` uses. ``generation_config`` (`ov_jax.generation.GenerationConfig`) holds the stop / pad ids
+    and sampling defaults ``generate`` uses; default: the text config's ids and transformers' defaults.
+    """
+
+    source_dir: os.PathLike | None = None  # the checkpoint directory from_pretrained read (its files are exported)
+
+    def __init__(self, config: OneVisionConfig, params: dict, dtype: Any = jnp.float32, lora: LoraSpec | None = None,
+                 generation_config: GenerationConfig | None = None):
         """``params`` in the `ov_jax.params` layout (with ``lora``'s adapters, `ov_jax.nn.lora.add_lora`), stored
         in any float dtype; ``dtype`` is the compute dtype of every call (e.g. float32 master weights with a
         bfloat16 forward). Raises ``ValueError`` when the tree does not match the config."""
@@ -88,19 +99,25 @@ class LlavaOnevision:
         self.params = params
         self.dtype = resolve_dtype(dtype)
         self.lora = lora
+        self.generation_config = generation_config or GenerationConfig.from_text_config(config.text)
 
     @classmethod
-    def from_params(cls, config: OneVisionConfig, params: dict, dtype: Any = jnp.float32) -> "LlavaOnevision":
+    def from_params(cls, config: OneVisionConfig, params: dict, dtype: Any = jnp.float32,
+                    generation_config: GenerationConfig | None = None) -> "LlavaOnevision":
         dtype = resolve_dtype(dtype)
-        return cls(config, jax.tree.map(lambda x: jnp.asarray(x, dtype), params), dtype)
+        return cls(config, jax.tree.map(lambda x: jnp.asarray(x, dtype), params), dtype,
+                   generation_config=generation_config)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, dtype: Any = jnp.float32, mesh: Any = None,
-                        **kwargs) -> "LlavaOnevision":
+                        verify: bool = True, **kwargs) -> "LlavaOnevision":
         """Load a transformers checkpoint directory, a converted orbax directory, or a hub id.
 
         ``mesh``: a ``jax.sharding.Mesh`` with axes data / fsdp / tensor, a string such as ``"data=2,tensor=4"``
         or a preset name (`ov_jax.sharding`); each device then reads only its own slices of the weights.
+        ``verify``: check a converted directory against its checksums (`ov_jax.checkpoint.load_orbax`);
+        ``False`` skips that for speed. The checkpoint's ``generation_config.json`` becomes
+        ``generation_config`` (`ov_jax.generation.GenerationConfig.from_pretrained`).
         """
         from ov_jax import loading
         from ov_jax.hub import resolve_checkpoint
@@ -117,10 +134,29 @@ class LlavaOnevision:
         if _is_converted(path):
             from ov_jax import checkpoint
 
-            config, params = checkpoint.load_orbax(path, dtype=dtype, **kwargs)
+            config, params = checkpoint.load_orbax(path, dtype=dtype, verify=verify, **kwargs)
         else:
             config, params = loading.load_params(path, dtype=dtype, **kwargs)
-        return cls(config, params, dtype)
+        model = cls(config, params, dtype, generation_config=GenerationConfig.from_pretrained(path, config.text))
+        model.source_dir = path
+        return model
+
+    def save_pretrained(self, directory: str | os.PathLike, *, dtype: Any = None,
+                        max_shard_size: int | str = "50GB", overwrite: bool = False) -> os.PathLike:
+        """Write a transformers checkpoint (llava-hf layout) that ``LlavaOnevisionForConditionalGeneration``
+        and ``AutoProcessor.from_pretrained`` load; see :func:`ov_jax.export.save_pretrained`.
+
+        LoRA adapters are merged into their weights. Tokenizer, processor and chat template files are copied
+        from :attr:`source_dir` (set by :meth:`from_pretrained`; assign it for a model built from params).
+        ``dtype`` casts the written weights (default: the params' dtype);
+        ``max_shard_size`` (bytes or "5GB") splits larger models into indexed shards. ``directory`` must be
+        new, empty, or an earlier export to replace with ``overwrite`` (never the source; ``OSError``
+        otherwise). Returns the absolute output directory.
+        """
+        from ov_jax import export
+
+        return export.save_pretrained(self.config, self.params, directory, source=self.source_dir, dtype=dtype,
+                                      max_shard_size=max_shard_size, overwrite=overwrite)
 
     @functools.cached_property
     def _jit_logits(self):
@@ -189,16 +225,25 @@ class LlavaOnevision:
         return OneVisionOutput(logits=logits, loss=loss)
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,
-                 pixel_values_videos=None, max_new_tokens: int = 256, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 stop_token_ids=None, streamer=None) -> np.ndarray:
-        """New token ids ``[B, max_new_tokens]``: each row to its stop token (kept), then pad. See `ov_jax.engine`."""
+                 pixel_values_videos=None, max_new_tokens: int | None = None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 0, stop_token_ids=None, pad_token_id: int | None = None, streamer=None,
+                 allow_beyond_max_positions: bool = False) -> np.ndarray:
+        """New token ids ``[B, max_new_tokens]`` (int32): each row to its stop token (kept), then pad.
+
+        Arguments left ``None`` take ``self.generation_config`` (the checkpoint's ``generation_config.json``,
+        then transformers' defaults: greedy, 20 new tokens, ``top_k=50`` when sampling); ``stop_token_ids``
+        overrides its ``eos_token_id``. Without ``attention_mask`` the mask is inferred from the pad id as
+        transformers does. Prompt plus ``max_new_tokens`` beyond ``config.text.max_position_embeddings``
+        raises ``ValueError`` unless ``allow_beyond_max_positions=True``. See `ov_jax.engine.Engine.generate`.
+        """
         from ov_jax.engine import engine_for
 
         return engine_for(self).generate(
             input_ids, attention_mask, pixel_values, image_sizes, batch_num_images, pixel_values_videos,
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=seed, stop_token_ids=stop_token_ids, streamer=streamer)
+            seed=seed, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, streamer=streamer,
+            allow_beyond_max_positions=allow_beyond_max_positions)
 
     def warmup(self, buckets=None, *, layout=None, loop=None, **options):
         """Precompile the engine's buckets (``ov_jax.engine.Buckets``) with a progress bar; returns the

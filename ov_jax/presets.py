@@ -76,6 +76,8 @@ def to_hf_dict(config: OneVisionConfig) -> dict:
             "max_position_embeddings": t.max_position_embeddings, "tie_word_embeddings": t.tie_word_embeddings,
             "hidden_act": t.hidden_act, "use_sliding_window": False, "bos_token_id": t.bos_token_id,
             "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id,
+            # transformers derives hidden_size // heads when absent; written only where it differs
+            **({"head_dim": t.head_dim} if t.head_dim != t.hidden_size // t.num_attention_heads else {}),
         },
     }
 

@@ -2,8 +2,10 @@
 
 ``make_tiny(out_dir)`` writes everything ``LlavaOnevisionForConditionalGeneration.from_pretrained`` and
 ``AutoProcessor.from_pretrained`` read (config, safetensors weights, a real byte-level BPE tokenizer,
-processor configs, chat template, generation config) using only numpy, safetensors, tokenizers and json,
-so tests, demos and the ``ov-jax make-tiny`` CLI work without torch or network access.
+processor configs, chat template, generation config) without torch or network access, so tests, demos
+and the ``ov-jax make-tiny`` CLI work on a plain install. The weights are a params tree drawn tensor by
+tensor through the loading key table and written with :func:`ov_jax.export.hf_state_dict`, so the names
+come from the one table that loading and export use.
 
 The weights are random but deliberately *non-default*: every bias is non-zero, every norm weight is
 away from 1 (LayerNorm biases away from 0) and q/k are scaled up so attention is sharp. A dropped bias,
@@ -14,12 +16,18 @@ order 1 through all layers in float32.
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 from typing import Any
 
+import jax
 import numpy as np
 
-from ov_jax.config import DEFAULT_PINPOINTS
+from ov_jax.config import DEFAULT_PINPOINTS, OneVisionConfig, config_from_hf_dict
+from ov_jax.export import hf_state_dict
+from ov_jax.loading import KEY_TABLE, checkpoint_keys, set_path
+from ov_jax.outputs import atomic_output_dir
+from ov_jax.params import Params, is_spec, param_specs
 
 TRANSFORMERS_VERSION = "5.24.0"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
@@ -27,6 +35,7 @@ MAX_BPE_MERGES = 400  # the corpus yields ~340 merges of frequency ≥ 2
 VOCAB_MULTIPLE = 64
 NUM_IMAGE_TOKENS = 729  # (384 // 14) ** 2 for the base tile, as the hub processor_config.json says
 DTYPES = ("float32", "bfloat16", "float16")
+OUTPUT_KIND = "make-tiny"  # the `ov_jax.outputs` marker kind of its output directories
 QK_GAIN = 2.0  # q and k each scaled ⇒ score std ≈ QK_GAIN², so softmax is far from uniform
 EMBED_STD = 0.4  # embeddings and lm_head: logits std ≈ EMBED_STD·sqrt(hidden) ≈ 3, tied or not
 
@@ -115,7 +124,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 class _WeightMaker:
-    """Deterministic non-default random tensors (float32, torch shapes)."""
+    """Deterministic non-default random tensors (float32)."""
 
     def __init__(self, seed: int):
         self.rng = np.random.default_rng(seed)
@@ -123,78 +132,62 @@ class _WeightMaker:
     def normal(self, shape, std: float, mean: float = 0.0) -> np.ndarray:
         return (mean + std * self.rng.standard_normal(shape)).astype(np.float32)
 
-    def linear(self, out_dim: int, in_dim: int, gain: float = 1.0, bias: bool = True) -> dict[str, np.ndarray]:
-        params = {"weight": self.normal((out_dim, in_dim), gain / np.sqrt(in_dim))}
-        if bias:
-            params["bias"] = self.normal((out_dim,), 0.1)
-        return params
 
-    def norm(self, dim: int, bias: bool) -> dict[str, np.ndarray]:
-        params = {"weight": self.normal((dim,), 0.15, mean=1.0)}
-        if bias:
-            params["bias"] = self.normal((dim,), 0.1)
-        return params
+# Fixed standard deviations by canonical checkpoint name; other weights are linear / conv [out, in, ...].
+_STDS = {"image_newline": 1.0, "vision.embeddings.position_embedding.weight": 0.5,
+         "text.embed_tokens.weight": EMBED_STD, "lm_head.weight": EMBED_STD}
+_GROUPS = {"vision": 0, "text": 1, "image_newline": 2, "projector": 2, "lm_head": 3}
 
 
-def _flatten(prefix: str, tree: dict[str, Any], out: dict[str, np.ndarray]) -> None:
-    for name, value in tree.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if isinstance(value, dict):
-            _flatten(key, value, out)
-        else:
-            out[key] = value
+def _random_tensor(make: _WeightMaker, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """One checkpoint tensor (torch layout) for canonical ``name``: biases N(0, 0.1), norm weights
+    N(1, 0.15), linear / conv weights N(0, gain²/fan_in) with gain QK_GAIN for q and k, else ``_STDS``."""
+    if name.endswith("bias"):
+        return make.normal(shape, 0.1)
+    if "norm" in name:
+        return make.normal(shape, 0.15, mean=1.0)
+    if name in _STDS:
+        return make.normal(shape, _STDS[name])
+    gain = QK_GAIN if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0
+    return make.normal(shape, gain / np.sqrt(math.prod(shape[1:])))
 
 
+def _draw_order(keys: dict[str, tuple]) -> list[str]:
+    """Canonical names in the order the random stream draws them: the vision tower, the text model,
+    image_newline and the projector, the lm_head; inside a tower the rows before its layers, then layer by
+    layer in ``KEY_TABLE`` order, then the rows after (seed-stable since the first tiny checkpoints)."""
+    rows = {template: r for r, (template, _, _) in enumerate(KEY_TABLE)}
+    last_layer_row = {}
+    for template, r in rows.items():
+        if "{i}" in template:
+            last_layer_row[_GROUPS[template.split(".")[0]]] = r
 
-def random_state_dict(text: dict[str, Any], vision: dict[str, Any], *, seed: int, tie_word_embeddings: bool
-                      ) -> dict[str, np.ndarray]:
-    """All tensors under the key names transformers 5.24 ``save_pretrained`` writes (REFERENCE_NOTES §11.2)."""
+    def position(name: str) -> tuple[int, int, int, int]:
+        layer = keys[name][2]
+        row = rows[name if layer is None else name.replace(f".{layer}.", ".{i}.", 1)]
+        group = _GROUPS[name.split(".")[0]]
+        section = 1 if layer is not None else 2 if row > last_layer_row.get(group, row) else 0
+        return group, section, layer or 0, row
+
+    return sorted(keys, key=position)
+
+
+def random_params(config: OneVisionConfig, *, seed: int) -> Params:
+    """The tiny checkpoints' params tree (float32 numpy): each checkpoint tensor drawn by
+    :func:`_random_tensor` in torch layout and read into its leaf through the loading key table."""
+    keys = checkpoint_keys(config)
+    specs = jax.tree_util.tree_leaves_with_path(param_specs(config), is_leaf=is_spec)
+    leaves = {tuple(k.key for k in path): np.empty(spec.shape, np.float32) for path, spec in specs}
     make = _WeightMaker(seed)
-    vh, vi, p = vision["hidden_size"], vision["intermediate_size"], vision["patch_size"]
-    side = vision["image_size"] // p
-    vision_tree: dict[str, Any] = {
-        "embeddings": {
-            "patch_embedding": {"weight": make.normal((vh, vision["num_channels"], p, p),
-                                                      1 / np.sqrt(vision["num_channels"] * p * p)),
-                                "bias": make.normal((vh,), 0.1)},
-            "position_embedding": {"weight": make.normal((side * side, vh), 0.5)},
-        },
-        "encoder": {"layers": {str(i): {
-            "layer_norm1": make.norm(vh, bias=True),
-            "self_attn": {"q_proj": make.linear(vh, vh, QK_GAIN), "k_proj": make.linear(vh, vh, QK_GAIN),
-                          "v_proj": make.linear(vh, vh), "out_proj": make.linear(vh, vh)},
-            "layer_norm2": make.norm(vh, bias=True),
-            "mlp": {"fc1": make.linear(vi, vh), "fc2": make.linear(vh, vi)},
-        } for i in range(vision["num_hidden_layers"])}},
-        "post_layernorm": make.norm(vh, bias=True),
-    }
-    th, ti, vocab = text["hidden_size"], text["intermediate_size"], text["vocab_size"]
-    head_dim = th // text["num_attention_heads"]
-    kv_dim = head_dim * text["num_key_value_heads"]
-    text_tree: dict[str, Any] = {
-        "embed_tokens": {"weight": make.normal((vocab, th), EMBED_STD)},
-        "layers": {str(i): {
-            "input_layernorm": make.norm(th, bias=False),
-            "self_attn": {"q_proj": make.linear(th, th, QK_GAIN), "k_proj": make.linear(kv_dim, th, QK_GAIN),
-                          "v_proj": make.linear(kv_dim, th),
-                          "o_proj": make.linear(th, th, bias=False)},
-            "post_attention_layernorm": make.norm(th, bias=False),
-            "mlp": {"gate_proj": make.linear(ti, th, bias=False), "up_proj": make.linear(ti, th, bias=False),
-                    "down_proj": make.linear(th, ti, bias=False)},
-        } for i in range(text["num_hidden_layers"])},
-        "norm": make.norm(th, bias=False),
-    }
-    tree: dict[str, Any] = {
-        "image_newline": make.normal((th,), 1.0),
-        "multi_modal_projector": {"linear_1": make.linear(th, vh), "linear_2": make.linear(th, th)},
-        "vision_tower": vision_tree,
-        "language_model": {"model": text_tree},
-    }
-    if not tie_word_embeddings:
-        tree["language_model"]["lm_head"] = {"weight": make.normal((vocab, th), EMBED_STD)}
-    flat: dict[str, np.ndarray] = {}
-    _flatten("", tree, flat)
-    return flat
+    for name in _draw_order(keys):
+        path, transform, layer, shape = keys[name]
+        leaf = leaves[path] if layer is None else leaves[path][layer]
+        leaf[...] = transform.read(_random_tensor(make, name, shape), leaf.shape,
+                                   tuple(slice(0, n) for n in leaf.shape))
+    params: Params = {}
+    for path, leaf in leaves.items():
+        set_path(params, path, leaf)
+    return params
 
 
 def _cast(array: np.ndarray, dtype: str) -> np.ndarray:
@@ -275,16 +268,15 @@ def _video_processor_config() -> dict[str, Any]:
 
 def make_tiny(out_dir, *, seed: int = 0, tie_word_embeddings: bool = False, vision_feature_layer=-1,
               vision_aspect_ratio: str = "anyres_max_9", image_grid_pinpoints=None, dtype: str = "float32",
-              text_overrides: dict[str, Any] | None = None, vision_overrides: dict[str, Any] | None = None
-              ) -> pathlib.Path:
+              text_overrides: dict[str, Any] | None = None, vision_overrides: dict[str, Any] | None = None,
+              overwrite: bool = False) -> pathlib.Path:
     """Write a small random-weight LLaVA-OneVision checkpoint (transformers 5.24 layout) into ``out_dir``.
 
     ``text_overrides`` / ``vision_overrides`` replace entries of ``TEXT_SIZES`` / ``VISION_SIZES``
     (e.g. ``{"num_hidden_layers": 4}``); ``vocab_size`` may be overridden but never below the tokenizer.
-    Returns the output directory.
+    ``out_dir`` must be new, empty, or (with ``overwrite``) an earlier make-tiny output, which is replaced
+    whole; the write is atomic (`ov_jax.outputs.atomic_output_dir`). Returns the output directory.
     """
-    from safetensors.numpy import save_file
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
     text, vision = dict(TEXT_SIZES), dict(VISION_SIZES)
@@ -301,14 +293,24 @@ def make_tiny(out_dir, *, seed: int = 0, tie_word_embeddings: bool = False, visi
     if text["vocab_size"] < tokenizer.get_vocab_size():
         raise ValueError(f"vocab_size {text['vocab_size']} is smaller than the tokenizer ({tokenizer.get_vocab_size()})")
 
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = random_state_dict(text, vision, seed=seed, tie_word_embeddings=tie_word_embeddings)
+    hf_config = _hf_config(text, vision, ids, tie_word_embeddings=tie_word_embeddings,
+                           vision_feature_layer=vision_feature_layer, vision_aspect_ratio=vision_aspect_ratio,
+                           pinpoints=pinpoints, dtype=dtype)
+    config = config_from_hf_dict(hf_config)
+    tensors = hf_state_dict(config, random_params(config, seed=seed))
+    with atomic_output_dir(out_dir, kind=OUTPUT_KIND, overwrite=overwrite) as out:
+        _write_files(out, tokenizer, ids, tensors, hf_config, pinpoints=pinpoints,
+                     vision_aspect_ratio=vision_aspect_ratio, dtype=dtype)
+    return pathlib.Path(out_dir)
+
+
+def _write_files(out: pathlib.Path, tokenizer, ids: dict[str, int], tensors: dict[str, np.ndarray],
+                 hf_config: dict[str, Any], *, pinpoints, vision_aspect_ratio: str, dtype: str) -> None:
+    from safetensors.numpy import save_file
+
     save_file({k: np.ascontiguousarray(_cast(v, dtype)) for k, v in tensors.items()},
               str(out / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(out / "config.json", _hf_config(
-        text, vision, ids, tie_word_embeddings=tie_word_embeddings, vision_feature_layer=vision_feature_layer,
-        vision_aspect_ratio=vision_aspect_ratio, pinpoints=pinpoints, dtype=dtype))
+    _write_json(out / "config.json", hf_config)
     _write_json(out / "generation_config.json", {
         "_from_model_config": True, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
         "pad_token_id": ids["<|endoftext|>"], "transformers_version": TRANSFORMERS_VERSION})
@@ -321,4 +323,3 @@ def make_tiny(out_dir, *, seed: int = 0, tie_word_embeddings: bool = False, visi
         "processor_class": "LlavaOnevisionProcessor", "video_token": "<video>",
         "vision_aspect_ratio": vision_aspect_ratio, "vision_feature_select_strategy": "full"})
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    return out

@@ -11,8 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from ov_jax.batch_inference import (RequestFileError, ResultWriter, finished_ids, read_requests, repair_torn_tail,
-                                    request_conversation, run_batch_inference)
+from ov_jax.batch_inference import (OutputFileError, ResultWriter, finished_ids, repair_torn_tail, request_conversation,
+                                    run_batch_inference)
+from ov_jax.batch_requests import RequestError, RequestFileError, read_requests
 
 
 class Interrupted(BaseException):
@@ -143,6 +144,115 @@ def test_bad_request_files_are_clear_errors(tmp_path):
     assert [r["id"] for r in read_requests(path)] == [0, 2]  # default id: the line number
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         run_batch_inference(path, tmp_path / "o.jsonl", FakeModel(), batch_size=0)
+
+
+BAD_REQUEST_FILES = [  # (file bytes, where and what the error says)
+    (b'{"prompt": "a"}\n\xff\xfe\n', r"in.jsonl:2: the line is not valid UTF-8 text \(byte 0xff at offset 0"),
+    (b'{"prompt": "a"}\n["b"]\n', r"in.jsonl:2: a request must be a JSON object, got list"),
+    (b'{"prompt": "a", "max_tokens": 5}\n', r"in.jsonl:1: unknown field\(s\) 'max_tokens'"),
+    (b'{"prompt": "a", "img": "x.jpg"}\n', r"in.jsonl:1: unknown field\(s\) 'img'"),
+    (b'{"id": "x"}\n', r"in.jsonl:1: a request needs exactly one of 'prompt' and 'messages'"),
+    (b'{"prompt": "a", "messages": [{"role": "user", "content": "a"}]}\n', "exactly one of 'prompt' and 'messages'"),
+    (b'{"prompt": 5}\n', r"in.jsonl:1: 'prompt' must be non-empty text, got 5"),
+    (b'{"prompt": "  "}\n', r"'prompt' must be non-empty text"),
+    (b'{"prompt": "a \\udcff"}\n', r"in.jsonl:1: the request holds a lone surrogate escape \(\\udcff\)"),
+    (b'{"prompt": "a", "image": "x.jpg", "images": ["y.jpg"]}\n', r"give 'images' or 'image', not both"),
+    (b'{"prompt": "a", "images": [1]}\n', r"'images' must be a path or a list of paths, got \[1\]"),
+    (b'{"prompt": "a", "video": {"path": "v.mp4"}}\n', r"'video' must be a path or a list of paths"),
+    (b'{"prompt": "a", "max_new_tokens": 0}\n', r"in.jsonl:1: 'max_new_tokens' must be an integer >= 1, got 0"),
+    (b'{"prompt": "a", "max_new_tokens": "64"}\n', r"'max_new_tokens' must be an integer >= 1, got \"64\""),
+    (b'{"prompt": "a", "max_new_tokens": true}\n', r"'max_new_tokens' must be an integer >= 1, got true"),
+    (b'{"prompt": "a", "id": null}\n', r"in.jsonl:1: 'id' must be a string or an integer, got null"),
+    (b'{"prompt": "a", "id": 1.5}\n', r"'id' must be a string or an integer, got 1.5"),
+    (b'{"messages": []}\n', r"'messages' must be a non-empty list of turns"),
+    (b'{"messages": [{"role": "user"}]}\n', r"messages\[0\] must be"),
+    (b'{"messages": [{"role": "user", "content": [{"text": "a"}]}]}\n', r"messages\[0\] must be"),
+    (b'{"messages": [{"role": "user", "content": "a"}], "images": ["x.jpg"]}\n', r"'images' cannot go with 'messages'"),
+    (b'{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', r"in.jsonl:2: id 1 repeats line 1"),
+    (b'\n\n', r"in.jsonl: no requests"),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD_REQUEST_FILES)
+def test_every_request_is_checked_before_anything_runs_or_is_written(tmp_path, content, message):
+    """The whole file is read and checked first: a bad line anywhere costs nothing, and the error names its line."""
+    path, results = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    path.write_bytes(content)
+    model = FakeModel()
+    with pytest.raises(RequestFileError, match=message):
+        run_batch_inference(path, results, model)
+    assert model.seen == [] and model.batches == 0 and not results.exists()
+
+
+def test_already_read_records_are_checked_too(tmp_path):
+    results = tmp_path / "out.jsonl"
+    with pytest.raises(RequestError, match="request 1 has no 'id'"):
+        run_batch_inference([{"id": "a", "prompt": "x"}, {"prompt": "y"}], results, FakeModel())
+    with pytest.raises(RequestError, match="request 1: id 'a' repeats request 0"):
+        run_batch_inference([{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}], results, FakeModel())
+    with pytest.raises(RequestError, match="request 0: 'max_new_tokens' must be an integer >= 1"):
+        run_batch_inference([{"id": "a", "prompt": "x", "max_new_tokens": -3}], results, FakeModel())
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        run_batch_inference([{"id": "a", "prompt": "x"}], results, FakeModel(), batch_size=1.5)
+    assert not results.exists()
+
+
+def test_output_paths_that_cannot_hold_results_are_refused(tmp_path):
+    """The requests file itself (by name, symlink or hard link), a directory, a device, a loop, a path under a
+    file, and an existing file that is not a results file: refused before any request runs, nothing changed."""
+    requests = _write_requests(tmp_path / "in.jsonl", 3)
+    original = requests.read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(requests)
+    os.link(requests, tmp_path / "hard.jsonl")
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    (tmp_path / "outdir").mkdir()
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"keep me\nand me")  # no final newline: must not be "repaired"
+    results_like = tmp_path / "old.jsonl"
+    results_like.write_bytes(b'{"id": "q0", "answer": "A"}\nnot a torn results line')
+    cases = [(requests, "is the requests file"), (tmp_path / "link.jsonl", "is the requests file"),
+             (tmp_path / "hard.jsonl", "is the requests file"), (tmp_path / "outdir", "is a directory"),
+             ("/dev/null", "is not a regular file"), (tmp_path / "loop_a", "is a symlink loop"),
+             (notes / "out.jsonl", "a component of it is a file"),
+             (notes, r"notes.txt:1: results line is not a JSON object"),
+             (results_like, "old.jsonl: its last line is not a results line")]
+    for output, message in cases:
+        model = FakeModel()
+        with pytest.raises((OutputFileError, RequestFileError), match=message):
+            run_batch_inference(requests, output, model)
+        assert model.batches == 0
+    assert requests.read_bytes() == original and notes.read_bytes() == b"keep me\nand me"
+    assert results_like.read_bytes().endswith(b"not a torn results line")
+
+
+def test_a_finished_dataset_is_not_run_again_and_loads_no_model(tmp_path):
+    """The CLI path (run_from_args): every id already answered, so the summary comes back without loading the
+    model (here a checkpoint that does not exist) and the results file is untouched."""
+    import argparse
+
+    from ov_jax.batch_inference import add_arguments, run_from_args
+
+    requests, results = _write_requests(tmp_path / "in.jsonl", 3), tmp_path / "out.jsonl"
+    run_batch_inference(requests, results, FakeModel())
+    before = results.read_bytes()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", str(tmp_path / "no-model"), "--input", str(requests), "--output",
+                              str(results)])
+    summary = run_from_args(args)
+    assert (summary.total, summary.already_done, summary.answered, summary.failed) == (3, 3, 0, 0)
+    assert results.read_bytes() == before
+
+
+def test_module_entry_point_reports_bad_input_in_one_line(tmp_path):
+    """``python -m ov_jax.batch_inference`` (the pod recipes' form): a bad flag is one line, nothing written."""
+    requests = _write_requests(tmp_path / "in.jsonl", 2)
+    result = subprocess.run([sys.executable, "-m", "ov_jax.batch_inference", "--model", str(tmp_path), "--input",
+                             str(requests), "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "0"],
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
+    assert (result.returncode, result.stderr) == (2, "error: --max-new-tokens must be >= 1, got 0\n")
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_writer_appends_whole_lines_and_repairs_only_a_torn_tail(tmp_path):

@@ -6,6 +6,7 @@ Answers are checked against transformers' greedy ``generate`` and against ``mode
 sampling arguments; error paths must give exactly one ``error:`` line and exit status 2.
 """
 
+import io
 import json
 import os
 import re
@@ -38,11 +39,11 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cli_env(workdir):
-    """Subprocess environment: the repo importable, one CPU device, offline, a shared compilation cache."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    """Subprocess environment: the repo importable, one CPU device, offline, a shared compilation cache (the
+    README's switch, JAX_COMPILATION_CACHE_DIR alone)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("JAX_PERSISTENT_CACHE_")}
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])), JAX_PLATFORMS="cpu",
-               HF_HUB_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=str(workdir / "jax-cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+               HF_HUB_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=str(workdir / "jax-cache"))
     return env
 
 
@@ -138,6 +139,29 @@ def test_generate_streams_transformers_greedy_answer(workdir, converted_dir, cli
     assert "loading: 3/3" in result.stderr and "compiling buckets" in result.stderr  # tqdm bars
 
 
+def test_generate_reads_the_prompt_from_stdin(workdir, converted_dir, cli_env, transformers_answer):
+    """``--prompt-file -``: the prompt piped in (its final newline dropped) gives the --prompt answer."""
+    result = subprocess.run([sys.executable, "-m", "ov_jax.cli", "generate", "--model", "tiny-converted", "--image",
+                             SAMPLE_IMAGE, "--prompt-file", "-", "--max-new-tokens", "12"], input=PROMPT + "\n",
+                            cwd=workdir, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert_ok(result)
+    answer, stats = split_answer(result.stdout)
+    assert answer == transformers_answer[1] and int(stats[3]) == transformers_answer[2]
+
+
+def test_read_prompt_keeps_the_text_but_one_final_newline(tmp_path, monkeypatch):
+    path = tmp_path / "prompt.txt"
+    text = "Line one,\n\n  line two ünï 😀\t" + "x" * 200_000  # over argv's 128 KiB per-argument cap
+    for ending in ("", "\n", "\r\n"):
+        path.write_bytes((text + ending).encode())
+        assert cli.read_prompt(None, str(path)) == text
+    path.write_bytes((text + "\n\n").encode())
+    assert cli.read_prompt(None, str(path)) == text + "\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO((text + "\n").encode())))
+    assert cli.read_prompt(None, "-") == text
+    assert cli.read_prompt("as given\n", None) == "as given\n" and cli.read_prompt(None, None) is None
+
+
 def test_generate_on_a_mesh_gives_the_unsharded_answer(workdir, converted_dir, cli_env, transformers_answer):
     env = dict(cli_env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     result = ov_jax("generate", "--model", converted_dir, "--image", SAMPLE_IMAGE, "--prompt", PROMPT,
@@ -183,6 +207,38 @@ def test_readme_python_example_runs(converted_dir, cli_env):
                             timeout=600)
     assert_ok(result)
     assert result.stdout.strip()
+
+
+CACHE_PROBE = """
+import collections, sys
+from jax import monitoring
+events = collections.Counter()
+monitoring.register_event_listener(lambda event, **_: events.update([event.rpartition("/")[2]]))
+from ov_jax.engine import Buckets, engine_for
+from ov_jax.model import LlavaOnevision
+engine = engine_for(LlavaOnevision.from_pretrained(sys.argv[1]), Buckets(batch=(1,), prompt=(32,), cache=(40,)))
+engine.warmup(media=False, progress=False)
+print(engine.compile_count, events["compile_requests_use_cache"], events["cache_hits"])
+"""
+
+
+def test_compilation_cache_dir_alone_reuses_every_executable(tmp_path, tiny_dir, cli_env):
+    """The README's switch: with only JAX_COMPILATION_CACHE_DIR set, the first process writes every executable
+    (the engine's and the loader's, sub-second ones included: jax alone writes only those that took over a second)
+    and a second process loads every one of them from the cache."""
+    cache = tmp_path / "cache"
+    env = dict(cli_env, JAX_COMPILATION_CACHE_DIR=str(cache))
+    runs = []
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", CACHE_PROBE, str(tiny_dir)], env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert_ok(result)
+        runs.append((*map(int, result.stdout.split()), sorted(os.listdir(cache))))
+    (engine_compiles, requests, first_hits, first_files), (_, requests_again, hits, files) = runs
+    assert engine_compiles == 4 and requests >= engine_compiles and first_hits == 0
+    assert len([f for f in first_files if f.endswith("-cache")]) == requests
+    assert hits == requests_again == requests, f"{hits} of {requests_again} executables came from the cache"
+    assert files == first_files
 
 
 # ----------------------------------------------------------------------------------------------- compare
@@ -298,61 +354,201 @@ def visible_lines(text: str) -> list[str]:
     return [shown for line in text.split("\n") if (shown := line.rpartition("\r")[2].strip())]
 
 
-def one_error_line(capsys, argv) -> str:
-    assert cli.main(argv) == cli.EXIT_ERROR
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, tiny_dir, converted_dir):
+    """A folder of everything a user can get wrong: missing, looping and broken paths, directories where files
+    belong, files that are not images / videos / UTF-8 / JSON, request files with each kind of bad line, and
+    damaged copies of the tiny checkpoint."""
+    d = tmp_path_factory.mktemp("bad-inputs")
+    (d / "adir").mkdir()
+    (d / "loop_a").symlink_to(d / "loop_b")
+    (d / "loop_b").symlink_to(d / "loop_a")
+    (d / "broken_link").symlink_to(d / "nowhere")
+    (d / "garbage.png").write_bytes(b"this is not a png")
+    (d / "empty.png").write_bytes(b"")
+    (d / "broken.mp4").write_bytes(b"\x00" * 1000)
+    (d / "not_utf8.txt").write_bytes(b"hi \xff there")
+    (d / "blank.txt").write_text(" \n")
+    (d / "file.txt").write_text("a plain file\n")
+    (d / "mesh_bad.json").write_text("{")
+    requests = {"req": b'{"id": "a", "prompt": "hi"}\n', "bad_utf8": b'{"id": "a", "prompt": "hi"}\n\xff\n',
+                "bad_json": b'{"id": "a", "prompt": "hi"\n', "typo": b'{"id": "a", "prompt": "hi", "max_tokens": 3}\n',
+                "zero": b'{"id": "a", "prompt": "hi", "max_new_tokens": 0}\n',
+                "dup": b'{"id": "a", "prompt": "hi"}\n{"id": "a", "prompt": "again"}\n', "empty": b""}
+    for name, content in requests.items():
+        (d / f"{name}.jsonl").write_bytes(content)
+    (d / "req_link.jsonl").symlink_to(d / "req.jsonl")
+    for name in ("ckpt_bad_config", "ckpt_truncated", "ckpt_no_weights"):
+        shutil.copytree(tiny_dir, d / name)
+    (d / "ckpt_bad_config" / "config.json").write_text("{")
+    weights = d / "ckpt_truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (d / "ckpt_no_weights" / "model.safetensors").unlink()
+    shutil.copytree(converted_dir, d / "converted_damaged")
+    chunk = max((p for p in (d / "converted_damaged").rglob("*") if p.is_file() and p.parent.name == "d"),
+                key=lambda p: p.stat().st_size)
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    return d
+
+
+GEN = ["generate", "--model", "{tiny}", "--prompt", "hi"]
+BATCH = ["batch", "--model", "{tiny}", "--input", "req.jsonl", "--output", "out.jsonl"]
+ERROR_WALK = [  # (argv, what the one error line must say); relative paths are in the bad_inputs folder
+    ([], "the following arguments are required: COMMAND"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (GEN + ["--bogus"], "unrecognized arguments: --bogus"),
+    # generate: the checkpoint
+    (["generate", "--model", "/no/such/dir", "--prompt", "hi"], "checkpoint directory '/no/such/dir' does not exist"),
+    (["generate", "--model", "./missing", "--prompt", "hi"], "checkpoint directory './missing' does not exist"),
+    (["generate", "--model", "adir/missing", "--prompt", "hi"], "checkpoint directory 'adir/missing' does not exist"),
+    (["generate", "--model", "loop_a", "--prompt", "hi"], "checkpoint directory 'loop_a' is a symlink loop"),
+    (["generate", "--model", "broken_link", "--prompt", "hi"],
+     "checkpoint directory 'broken_link' is a broken symlink"),
+    (["generate", "--model", "file.txt", "--prompt", "hi"], "checkpoint path 'file.txt' is a file"),
+    (["generate", "--model", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "--prompt", "x"],
+     "no local directory 'llava-hf/llava-onevision-qwen2-0.5b-ov-hf' exists, and as a Hugging Face Hub id it cannot "
+     "be fetched: HF_HUB_OFFLINE is set"),
+    (["generate", "--model", "ckpt_bad_config", "--prompt", "hi"], "config.json is not valid JSON"),
+    (["generate", "--model", "ckpt_truncated", "--prompt", "hi"], "cannot read safetensors file"),
+    (["generate", "--model", "ckpt_no_weights", "--prompt", "hi"], "no model.safetensors or model.safetensors.index"),
+    (["generate", "--model", "converted_damaged", "--prompt", "hi"], "convert it again"),
+    # generate: media
+    (GEN + ["--image", "/no/such.png"], "image '/no/such.png' does not exist"),
+    (GEN + ["--image", "adir"], "image 'adir' is a directory, not a file"),
+    (GEN + ["--image", "loop_a"], "image 'loop_a' is a symlink loop"),
+    (GEN + ["--image", "broken_link"], "image 'broken_link' is a broken symlink"),
+    (GEN + ["--image", "garbage.png"], "cannot read image 'garbage.png'"),
+    (GEN + ["--image", "empty.png"], "cannot read image 'empty.png'"),
+    (GEN + ["--video", "/no/such.mp4"], "video '/no/such.mp4' does not exist"),
+    (GEN + ["--video", "adir"], "video 'adir' is a directory, not a file"),
+    (GEN + ["--video", "broken.mp4"], "cannot read video 'broken.mp4'"),
+    # generate: dtype, mesh, numbers
+    (GEN + ["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    (GEN + ["--mesh", "data=2,model=4"], "'model=4' is not 'axis=size'"),
+    (GEN + ["--mesh", "data=16"], "needs 16 devices but 8 are available"),
+    (GEN + ["--mesh", "missing.json"], "mesh file 'missing.json' does not exist"),
+    (GEN + ["--mesh", "mesh_bad.json"], "mesh file 'mesh_bad.json' is not valid JSON"),
+    (GEN + ["--max-new-tokens", "x"], "argument --max-new-tokens: invalid int value: 'x'"),
+    (GEN + ["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (GEN + ["--max-new-tokens", "100000"], "lower max_new_tokens"),
+    (GEN + ["--num-frames", "0"], "--num-frames must be >= 1"),
+    (GEN + ["--temperature", "-1"], "temperature must be a finite number >= 0, got -1.0"),
+    (GEN + ["--temperature", "nan"], "temperature must be a finite number >= 0, got nan"),
+    (GEN + ["--top-p", "inf", "--temperature", "1"], "top_p must be"),
+    (GEN + ["--top-p", "0.5"], "--top-p only filter sampled tokens"),
+    (GEN + ["--top-k", "-1", "--temperature", "1"], "top_k must be an integer >= 0 (0 = off), got -1"),
+    (GEN + ["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    # generate: the prompt
+    (["generate", "--model", "{tiny}"], "one of the arguments --prompt --prompt-file is required"),
+    (GEN + ["--prompt-file", "file.txt"], "argument --prompt-file: not allowed with argument --prompt"),
+    (["generate", "--model", "{tiny}", "--prompt", " "], "--prompt is empty"),
+    (["generate", "--model", "{tiny}", "--prompt", "hi \udcff"], "--prompt is not valid UTF-8 text"),
+    (["generate", "--model", "{tiny}", "--prompt-file", "not_utf8.txt"],
+     "prompt file 'not_utf8.txt' is not valid UTF-8 text (byte 0xff at offset 3"),
+    (["generate", "--model", "{tiny}", "--prompt-file", "-"], "the prompt on stdin is not valid UTF-8 text"),
+    (["generate", "--model", "{tiny}", "--prompt-file", "missing.txt"], "prompt file 'missing.txt' does not exist"),
+    (["generate", "--model", "{tiny}", "--prompt-file", "adir"], "prompt file 'adir' is a directory"),
+    (["generate", "--model", "{tiny}", "--prompt-file", "blank.txt"], "prompt file 'blank.txt' is empty"),
+    # compare
+    (["compare", "--model", "/no/such/checkpoint"], "checkpoint directory '/no/such/checkpoint' does not exist"),
+    (["compare", "--model", "{tiny}", "--tolerance", "0"], "--tolerance must be > 0"),
+    (["compare", "--model", "{tiny}", "--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+    (["compare", "--model", "{tiny}", "--image", "adir"], "image 'adir' is a directory"),
+    (["compare", "--model", "{tiny}", "--video", "broken.mp4"], "cannot read video 'broken.mp4'"),
+    (["compare", "--model", "{tiny}", "--prompt-file", "not_utf8.txt"],
+     "prompt file 'not_utf8.txt' is not valid UTF-8"),
+    (["compare", "--model", "{converted}"], "which transformers cannot read"),
+    # batch: numbers and flags
+    (BATCH + ["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (BATCH + ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (BATCH + ["--num-frames", "0"], "--num-frames must be >= 1, got 0"),
+    (BATCH + ["--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),
+    (BATCH + ["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    (BATCH + ["--media-root", "missing"], "--media-root 'missing' does not exist"),
+    (BATCH + ["--mesh", "bogus"], "mesh 'bogus' is neither"),
+    (["batch", "--model", "./missing", "--input", "req.jsonl", "--output", "out.jsonl"],
+     "checkpoint directory './missing' does not exist"),
+    # batch: the output
+    (BATCH[:-1] + ["req.jsonl"], "output 'req.jsonl' is the requests file 'req.jsonl'"),
+    (BATCH[:-1] + ["req_link.jsonl"], "output 'req_link.jsonl' is the requests file 'req.jsonl'"),
+    (BATCH[:-1] + ["adir"], "output 'adir' is a directory; give a file path"),
+    (BATCH[:-1] + ["loop_a"], "output 'loop_a' is a symlink loop"),
+    (BATCH[:-1] + ["file.txt/out.jsonl"], "output 'file.txt/out.jsonl' does not exist (a component of it is a file"),
+    (BATCH[:-1] + ["file.txt"], "file.txt:1: results line is not a JSON object with an id"),
+    # batch: the requests
+    (["batch", "--model", "{tiny}", "--input", "missing.jsonl", "--output", "out.jsonl"],
+     "requests file 'missing.jsonl' does not exist"),
+    (["batch", "--model", "{tiny}", "--input", "adir", "--output", "out.jsonl"], "requests file 'adir' is a directory"),
+    (["batch", "--model", "{tiny}", "--input", "bad_utf8.jsonl", "--output", "out.jsonl"],
+     "bad_utf8.jsonl:2: the line is not valid UTF-8 text"),
+    (["batch", "--model", "{tiny}", "--input", "bad_json.jsonl", "--output", "out.jsonl"],
+     "bad_json.jsonl:1: not valid JSON"),
+    (["batch", "--model", "{tiny}", "--input", "typo.jsonl", "--output", "out.jsonl"],
+     "typo.jsonl:1: unknown field(s) 'max_tokens'"),
+    (["batch", "--model", "{tiny}", "--input", "zero.jsonl", "--output", "out.jsonl"],
+     "zero.jsonl:1: 'max_new_tokens' must be an integer >= 1"),
+    (["batch", "--model", "{tiny}", "--input", "dup.jsonl", "--output", "out.jsonl"],
+     "dup.jsonl:2: id 'a' repeats line 1"),
+    (["batch", "--model", "{tiny}", "--input", "empty.jsonl", "--output", "out.jsonl"], "empty.jsonl: no requests"),
+    # make-tiny, convert, bench
+    (["make-tiny", "{tiny}"], "already exists (an earlier make-tiny output)"),
+    (["make-tiny", "out", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    (["make-tiny", "out", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    (["convert", "./missing", "out", "--no-progress"], "checkpoint directory './missing' does not exist"),
+    (["convert", "{tiny}", "out", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    (["convert", "{tiny}", "{converted}", "--no-progress"], "already exists"),
+    (["bench", "--script", "nope.py"], "benchmark script 'nope.py' not found"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", ERROR_WALK, ids=lambda v: " ".join(v)[:70] if isinstance(v, list) else None)
+def test_every_bad_input_is_one_error_line(capsys, monkeypatch, bad_inputs, tiny_dir, converted_dir, argv, expected):
+    """Each subcommand x each kind of bad argument or input: exit status 2, exactly one line ``error: ...`` that
+    says what is wrong, no traceback, no "internal error", and nothing written (no output file, no new file)."""
+    monkeypatch.chdir(bad_inputs)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"hi \xff\n")))
+    before = sorted(p.name for p in bad_inputs.iterdir())
+    argv = [a.format(tiny=tiny_dir, converted=converted_dir) for a in argv]
+    try:
+        status = cli.main(argv)
+    except SystemExit as exit_:  # argparse's own exit
+        status = exit_.code
     out, err = capsys.readouterr()
     lines = visible_lines(err)
+    assert status == cli.EXIT_ERROR, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err and out == ""
-    return lines[0]
-
-
-@pytest.fixture
-def garbage_image(tmp_path):
-    path = tmp_path / "broken.png"
-    path.write_bytes(b"this is not a png")
-    return path
-
-
-@pytest.mark.parametrize("argv, expected", [
-    (["generate", "--model", "/no/such/dir", "--prompt", "hi"], "checkpoint directory '/no/such/dir' does not exist"),
-    (["generate", "--model", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "--prompt", "x"], "pass its local directory"),
-    (["generate", "--model", "m", "--image", "/no/such.png", "--prompt", "hi"], "image '/no/such.png' does not exist"),
-    (["generate", "--model", "m", "--image", "GARBAGE", "--prompt", "hi"], "cannot read image"),
-    (["generate", "--model", "m", "--video", "/no/such.mp4", "--prompt", "hi"], "video '/no/such.mp4' does not exist"),
-    (["generate", "--model", "m", "--prompt", "hi", "--mesh", "data=2,model=4"], "'model=4' is not 'axis=size'"),
-    (["generate", "--model", "m", "--prompt", "hi", "--mesh", "data=16"], "needs 16 devices but 8 are available"),
-    (["generate", "--model", "m", "--prompt", "hi", "--top-p", "0.5"], "--top-p only filter sampled tokens"),
-    (["generate", "--model", "m", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["compare", "--model", "/no/such/checkpoint"], "does not exist"),
-    (["bench", "--script", "nope.py"], "benchmark script 'nope.py' not found"),
-])
-def test_bad_input_is_one_line(capsys, garbage_image, argv, expected):
-    argv = [str(garbage_image) if a == "GARBAGE" else a for a in argv]
-    assert expected in one_error_line(capsys, argv)
-
-
-def test_errors_after_loading_started_are_one_line(capsys, tiny_dir, tmp_path):
-    broken_video = tmp_path / "broken.mp4"
-    broken_video.write_bytes(b"\x00" * 1000)
-    base = ["generate", "--model", str(tiny_dir), "--prompt", "hi"]
-    assert "cannot read video" in one_error_line(capsys, base + ["--video", str(broken_video)])
-    assert "lower max_new_tokens" in one_error_line(capsys, base + ["--max-new-tokens", "100000"])
-
-
-def test_existing_outputs_are_refused(capsys, tiny_dir, converted_dir):
-    assert "already exists and is not an empty directory" in one_error_line(capsys, ["make-tiny", str(tiny_dir)])
-    assert "already exists" in one_error_line(capsys, ["convert", str(tiny_dir), str(converted_dir), "--no-progress"])
-
-
-def test_compare_refuses_a_converted_reference(capsys, converted_dir):
-    assert "which transformers cannot read" in one_error_line(capsys, ["compare", "--model", str(converted_dir)])
+    assert expected in lines[0]
+    assert "Traceback" not in err and "internal error" not in err and out == ""
+    assert sorted(p.name for p in bad_inputs.iterdir()) == before
 
 
 def test_subprocess_error_has_no_traceback(workdir, cli_env):
     result = ov_jax("generate", "--model", "./missing-dir", "--prompt", "hi", cwd=workdir, env=cli_env)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: checkpoint directory './missing-dir' does not exist"
+
+
+def help_text(capsys, command) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_one_set_of_defaults_shown_in_help(capsys):
+    """generate, compare, batch and make-tiny default to float32 (the README's advice on CPU), and --help says so."""
+    for command in ("generate", "compare", "batch", "make-tiny"):
+        parser = cli.build_parser(command)
+        args = parser.parse_known_args([command, "--model", "m", "--prompt", "x", "--input", "i", "--output", "o",
+                                        "OUT"])[0]
+        assert args.dtype == "float32", command
+    batch = help_text(capsys, "batch")
+    for shown in ("(default: float32)", "--batch-size BATCH_SIZE requests per generate call (default: 8)",
+                  "(default: 128)", "frames sampled per video (default: 8)"):
+        assert shown in batch
+    assert "--max-new-tokens MAX_NEW_TOKENS answer length limit in tokens (default: 128)" in help_text(capsys,
+                                                                                                      "generate")
+    assert "--seed SEED weights seed (default: 0)" in help_text(capsys, "make-tiny")
 
 
 def test_console_script_points_at_main():

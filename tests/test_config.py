@@ -45,7 +45,7 @@ def test_transformers_config_from_transformers_itself():
 
 
 def test_lmms_lab_config():
-    d = {"architectures": ["LlavaQwenForCausalLM"], "hidden_size": 896, "intermediate_size": 4864,
+    d = {"architectures": ["LlavaQwenForCausalLM"], "model_type": "llava", "hidden_size": 896, "intermediate_size": 4864,
          "num_attention_heads": 14, "num_key_value_heads": 2, "num_hidden_layers": 24, "vocab_size": 151936,
          "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
          "mm_vision_tower": "google/siglip-so400m-patch14-384", "mm_projector_type": "mlp2x_gelu",
@@ -88,6 +88,6 @@ def test_missing_and_broken_files(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_onevision"}))
     with pytest.raises(ConfigError, match="neither 'text_config'"):
         load_config(tmp_path)

@@ -70,13 +70,15 @@ def test_load_orbax_into_shardings(tiny_ckpt, tmp_path):
 
 
 def test_refuses_an_existing_destination_unless_overwrite(tiny_ckpt, tiny_ckpt_tied, tmp_path):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("user data")
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "keep.txt").write_text("user data")
+    with pytest.raises(OSError, match="holding other files"):
+        convert(tiny_ckpt, tmp_path / "user", overwrite=True, progress=False)
+    assert (tmp_path / "user" / "keep.txt").read_text() == "user data"
+    convert(tiny_ckpt, tmp_path / "out", progress=False)
     with pytest.raises(FileExistsError, match="already exists"):
-        convert(tiny_ckpt, tmp_path / "out", progress=False)
-    assert (tmp_path / "out" / "keep.txt").exists()
+        convert(tiny_ckpt_tied, tmp_path / "out", progress=False)
     convert(tiny_ckpt_tied, tmp_path / "out", overwrite=True, progress=False)
-    assert not (tmp_path / "out" / "keep.txt").exists()
     assert load_orbax(tmp_path / "out")[0].lm_head_tied
     assert leftovers(tmp_path, "out") == []
 

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ov_jax.engine.sampling import (SamplingMode, check_sampling_args, choose_tokens, process_logits, top_k_filter,
-                                    top_p_filter, top_p_threshold)
+from ov_jax.engine.sampling import (SamplingMode, choose_tokens, process_logits, top_k_filter, top_p_filter,
+                                    top_p_threshold)
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -87,13 +87,3 @@ def test_greedy_is_first_argmax():
     logits = jnp.asarray(hand_made_logits())
     tokens = choose_tokens(logits, SamplingMode(), jnp.float32(1.0), top_p_threshold(1.0), jnp.uint32(0), jnp.int32(0))
     np.testing.assert_array_equal(np.asarray(tokens), torch.tensor(hand_made_logits()).argmax(-1).numpy())
-
-
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(do_sample=True, temperature=0.0, top_k=0, top_p=1.0), "temperature"),
-    (dict(do_sample=False, temperature=1.0, top_k=-1, top_p=1.0), "top_k"),
-    (dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.5), "top_p"),
-])
-def test_bad_sampling_arguments_are_named(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        check_sampling_args(**kwargs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -27,9 +28,10 @@ from ov_jax import sharding as sh
 from ov_jax.config import OneVisionConfig
 from ov_jax.engine import steps
 from ov_jax.engine.buckets import Buckets, PaddedRequest, check_left_padded, drop_pad_columns, pad_request
-from ov_jax.engine.sampling import GREEDY, SamplingMode, check_sampling_args, top_p_threshold
+from ov_jax.engine.sampling import GREEDY, SamplingMode, top_p_threshold
 from ov_jax.engine.steps import MAX_STOP_IDS, DecodeState, TokenRules
 from ov_jax.engine.streaming import as_sink
+from ov_jax.generation import GenerationConfig, GenerationConfigError, check_max_positions, infer_attention_mask
 from ov_jax.media_plan import build_media_plan
 from ov_jax.modeling import qwen2
 from ov_jax.modeling.layers import attention, attention_by_head
@@ -55,24 +57,18 @@ def enable_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _stop_ids(config: OneVisionConfig, generation_config: dict | None, stop_token_ids) -> tuple[int, ...]:
-    if stop_token_ids is None:
-        source = (generation_config or {}).get("eos_token_id", config.text.eos_token_id)
-        stop_token_ids = () if source is None else source
-    ids = (int(stop_token_ids),) if np.isscalar(stop_token_ids) else tuple(int(i) for i in stop_token_ids)
-    if len(ids) > MAX_STOP_IDS:
-        raise ValueError(f"at most {MAX_STOP_IDS} stop token ids are supported, got {len(ids)}")
-    if any(i < 0 for i in ids):
-        raise ValueError(f"stop token ids must be non-negative, got {ids}")
-    return ids
-
-
-def _pad_id(config: OneVisionConfig, generation_config: dict | None, stop_ids: tuple[int, ...]) -> int:
-    """Pad id: generation config, then text config, then the first stop id (as transformers falls back)."""
-    pad = (generation_config or {}).get("pad_token_id", config.text.pad_token_id)
-    if pad is None:
-        pad = stop_ids[0] if stop_ids else 0
-    return int(pad[0] if isinstance(pad, (list, tuple)) else pad)
+def compilation_cache_from_environment() -> None:
+    """Make ``JAX_COMPILATION_CACHE_DIR`` cache every executable. jax alone writes only those that took over a
+    second to compile (and are not tiny), which leaves out most of a small model's; this lowers both thresholds
+    unless the environment sets them (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` / ``..._MIN_ENTRY_SIZE_BYTES``).
+    Nothing happens without the variable or when the program chose another directory."""
+    directory = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if not directory or jax.config.jax_compilation_cache_dir != directory:
+        return
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 class Engine:
@@ -83,13 +79,17 @@ class Engine:
     ``"device"`` (``lax.while_loop``; default: never slower than the Python loop in our measurements,
     and clearly faster when the host is busy, since no host thread has to be scheduled per token) or
     ``"python"`` (a jitted step per token); a streamer always uses the Python loop.
-    ``generation_config`` (the checkpoint's ``generation_config.json`` as a dict) supplies the default
-    stop and pad ids; without it the text config's ``eos_token_id`` / ``pad_token_id`` are used.
+    ``generation_config`` (`ov_jax.generation.GenerationConfig`, default: the text config's ids) supplies the
+    stop and pad ids and the sampling defaults of :meth:`generate`.
+
+    The serving copies of the weights are derived from ``params``; :meth:`use_params` re-derives them from a
+    new tree of the same shapes, dtypes and shardings and keeps every compiled executable.
     """
 
     def __init__(self, config: OneVisionConfig, params: dict, dtype: Any = jnp.float32,
                  buckets: Buckets | None = None, *, layout: str | None = None, loop: str = "device",
-                 generation_config: dict | None = None, mesh: Any = None):
+                 generation_config: GenerationConfig | None = None, mesh: Any = None):
+        compilation_cache_from_environment()
         self.config = config
         self.mesh = sh.make_mesh(mesh) if mesh is not None else sh.mesh_of(params)
         self.dtype = jnp.dtype(dtype)
@@ -101,7 +101,7 @@ class Engine:
         if loop not in LOOPS:
             raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
         self.loop = loop
-        self.generation_config = generation_config
+        self.generation_config = generation_config or GenerationConfig.from_text_config(config.text)
         # XLA:CPU runs per-head 2-D attention products ~2x faster than batched einsums (layers.attention_by_head)
         self._attend = attention_by_head if self.platform == "cpu" else attention
         self.tower_chunk = self.buckets.resolved_chunk(self.platform)
@@ -109,6 +109,14 @@ class Engine:
             multiple = sh.axis_multiple(self.mesh, "tiles")
             self.tower_chunk = -(-self.tower_chunk // multiple) * multiple
         self.tokens_per_tile = config.vision.num_patches
+        self._derive_serving_params(params)
+        self._executables: dict[tuple, Any] = {}
+        self.compile_log: list[CompileRecord] = []
+
+    def _derive_serving_params(self, params: dict) -> None:
+        """The per-step weight trees the executables take, built from ``params`` (the model's live tree)."""
+        self._source_leaves = jax.tree.leaves(params)
+        self._source_signature = params_signature(params)
         self._media_params = {"vision": params["vision"], "projector": params["projector"]}
         self._newline = params["image_newline"]
         text = params["text"]
@@ -119,8 +127,23 @@ class Engine:
             self._layers = steps.serving_layers(text["layers"])
         else:
             self._decode_params, self._layers = {"text": text}, None
-        self._executables: dict[tuple, Any] = {}
-        self.compile_log: list[CompileRecord] = []
+
+    def serves(self, params: dict) -> bool:
+        """Whether the serving copies were derived from exactly these leaves (compared by identity)."""
+        leaves = jax.tree.leaves(params)
+        return len(leaves) == len(self._source_leaves) and all(a is b for a, b in zip(leaves, self._source_leaves))
+
+    def accepts(self, params: dict) -> bool:
+        """Whether the compiled executables can take ``params`` (same structure, shapes, dtypes, shardings)."""
+        return params_signature(params) == self._source_signature
+
+    def use_params(self, params: dict) -> None:
+        """Serve ``params`` from now on (e.g. after a training step). Compiled executables are kept; a tree
+        that the engine does not :meth:`accept <accepts>` raises ``ValueError`` (build a new Engine)."""
+        if not self.accepts(params):
+            raise ValueError("the new params differ from the served ones in structure, shape, dtype or sharding; "
+                             "the engine's executables cannot take them")
+        self._derive_serving_params(params)
 
     # --- compilation -------------------------------------------------------------------------------------
 
@@ -216,8 +239,11 @@ class Engine:
     # --- requests ----------------------------------------------------------------------------------------
 
     def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,
-                pixel_values_videos=None, pad_token_id: int = 0) -> PaddedRequest:
-        """Validate a request, plan its media on the host and pad everything into buckets."""
+                pixel_values_videos=None, generation_config: GenerationConfig | None = None) -> PaddedRequest:
+        """Validate a request, plan its media on the host and pad everything into buckets with the pad id of
+        ``generation_config`` (default: the engine's). Without an ``attention_mask`` it is inferred from that
+        pad id, as transformers does (`ov_jax.generation.infer_attention_mask`)."""
+        generation_config = generation_config or self.generation_config
         ids = np.asarray(input_ids)
         if ids.dtype.kind not in "iu":
             raise TypeError(f"input_ids must hold integers, got dtype {ids.dtype}")
@@ -225,7 +251,10 @@ class Engine:
             ids = ids[None]
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {ids.shape}")
-        mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask)
+        if attention_mask is None:
+            mask = infer_attention_mask(ids, generation_config)
+        else:
+            mask = np.asarray(attention_mask)
         if mask.ndim == 1:
             mask = mask[None]
         if mask.shape != ids.shape:
@@ -234,7 +263,8 @@ class Engine:
         check_left_padded(mask)
         ids, mask = drop_pad_columns(ids, mask)
         plan = build_media_plan(ids, self.config, pixel_values, image_sizes, batch_num_images, pixel_values_videos)
-        return pad_request(ids, mask, plan, self.buckets, pad_token_id)
+        pad_id = 0 if generation_config.pad_id is None else generation_config.pad_id
+        return pad_request(ids, mask, plan, self.buckets, pad_id)
 
     def _media_rows(self, req: PaddedRequest) -> jax.Array:
         b, t = req.batch, req.prompt_length
@@ -252,25 +282,33 @@ class Engine:
         return rows
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,
-                 pixel_values_videos=None, max_new_tokens: int = 256, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 stop_token_ids=None, streamer=None) -> np.ndarray:
+                 pixel_values_videos=None, max_new_tokens: int | None = None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 0, stop_token_ids=None, pad_token_id: int | None = None, streamer=None,
+                 allow_beyond_max_positions: bool = False) -> np.ndarray:
         """New token ids ``[B, max_new_tokens]`` (int32): each row up to and including its stop token, then pad.
 
-        Arguments are as transformers' ``generate`` for LLaVA-OneVision (processor outputs, left padding).
-        Sampling follows transformers (temperature → top-k → top-p) with a reproducible ``seed``.
+        Arguments are as transformers' ``generate`` for LLaVA-OneVision (processor outputs, left padding; a
+        missing ``attention_mask`` is inferred from the pad id). Sampling follows transformers (temperature →
+        top-k → top-p) with a reproducible ``seed``. Arguments left ``None`` take the engine's
+        ``generation_config`` (`ov_jax.generation`); bad values raise ``GenerationConfigError`` naming them.
+        A prompt plus ``max_new_tokens`` beyond the text model's ``max_position_embeddings`` raises
+        `ov_jax.generation.BeyondMaxPositionsError` unless ``allow_beyond_max_positions``.
         """
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        check_sampling_args(do_sample, temperature, top_k, top_p)
-        stop_ids = _stop_ids(self.config, self.generation_config, stop_token_ids)
-        pad_id = _pad_id(self.config, self.generation_config, stop_ids)
+        gen = self.generation_config.merged(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                            temperature=temperature, top_k=top_k, top_p=top_p,
+                                            eos_token_id=stop_token_ids, pad_token_id=pad_token_id)
+        if len(gen.eos_token_id) > MAX_STOP_IDS:
+            raise GenerationConfigError(f"at most {MAX_STOP_IDS} stop token ids are supported, "
+                                        f"got {len(gen.eos_token_id)}")
+        new_tokens = gen.new_tokens(np.shape(input_ids)[-1])
         req = self.prepare(input_ids, attention_mask, pixel_values, image_sizes, batch_num_images,
-                           pixel_values_videos, pad_token_id=pad_id)
+                           pixel_values_videos, generation_config=gen)
+        check_max_positions(self.config.text, req.length, new_tokens, allow_beyond_max_positions)
         b, t = req.batch, req.prompt_length
-        s = self.buckets.cache_bucket(t, int(max_new_tokens), req.length, req.media_tokens)
-        mode = SamplingMode.from_args(do_sample, top_k, top_p)
-        rules = _rules(stop_ids, pad_id, temperature, top_p, seed)
+        s = self.buckets.cache_bucket(t, new_tokens, req.length, req.media_tokens)
+        mode = SamplingMode.from_args(gen.do_sample, gen.top_k, gen.top_p)
+        rules = _rules(gen.eos_token_id, 0 if gen.pad_id is None else gen.pad_id, gen.temperature, gen.top_p, seed)
 
         mask = jax.device_put(req.attention_mask)
         rows = self._media_rows(req)
@@ -280,9 +318,9 @@ class Engine:
         del prompt_kv
         put, end = as_sink(streamer)
         if self.loop == "device" and streamer is None:
-            tokens = self._run_device_loop(cache, state, rules, b, s, mode, int(max_new_tokens))
+            tokens = self._run_device_loop(cache, state, rules, b, s, mode, new_tokens)
         else:
-            tokens = self._run_python_loop(cache, state, rules, b, s, mode, int(max_new_tokens), req.rows, put)
+            tokens = self._run_python_loop(cache, state, rules, b, s, mode, new_tokens, req.rows, put)
         end()
         return tokens[:req.rows]
 
@@ -317,7 +355,8 @@ class Engine:
 
         Defaults are the engine's buckets. ``max_new_tokens`` limits the cache buckets to the one each
         prompt bucket needs for that many new tokens (default: every cache bucket that fits the prompt).
-        ``sampling`` lists modes (``"greedy"``, ``"sample"`` or :class:`SamplingMode`); ``media=False``
+        ``sampling`` lists modes (``"greedy"``, ``"sample"`` — sampling with the generation config's top-k
+        and top-p — or :class:`SamplingMode`); ``media=False``
         skips the vision tower (text-only serving); ``streaming=True`` also compiles the per-token step
         that streamed requests use with the device loop. ``compilation_cache_dir`` enables jax's persistent
         cache first, so a restarted process loads executables instead of compiling them.
@@ -326,7 +365,7 @@ class Engine:
             enable_compilation_cache(compilation_cache_dir)
         batch_sizes = tuple(batch_sizes or self.buckets.batch)
         prompt_lengths = tuple(prompt_lengths or self.buckets.prompt)
-        modes = [_mode(m) for m in sampling]
+        modes = [self._mode(m) for m in sampling]
 
         def caches(t: int) -> tuple[int, ...]:
             if max_new_tokens is None:
@@ -350,6 +389,15 @@ class Engine:
                      for s in sorted({s for t in prompt_lengths for s in caches(t)}) for m in modes]
         return self._run_jobs(jobs, progress)
 
+    def _mode(self, m: SamplingMode | str) -> SamplingMode:
+        if isinstance(m, SamplingMode):
+            return m
+        if m == "greedy":
+            return GREEDY
+        if m == "sample":
+            return SamplingMode.from_args(True, self.generation_config.top_k, self.generation_config.top_p)
+        raise ValueError(f"sampling mode must be 'greedy', 'sample' or a SamplingMode, got {m!r}")
+
     def _run_jobs(self, jobs, progress: bool) -> list[CompileRecord]:
         from tqdm.auto import tqdm
 
@@ -362,6 +410,13 @@ class Engine:
         for record in new:
             log.info("warm-up compiled %s %s in %.2fs", record.name, record.key, record.seconds)
         return new
+
+
+def params_signature(params: dict) -> tuple:
+    """What a compiled executable depends on in a params tree: its structure and each leaf's shape, dtype and
+    sharding (not the values)."""
+    leaves, treedef = jax.tree.flatten(params)
+    return treedef, tuple((tuple(np.shape(x)), jnp.result_type(x), getattr(x, "sharding", None)) for x in leaves)
 
 
 def _platform(params: dict) -> str:
@@ -383,13 +438,3 @@ def _rules(stop_ids, pad_id, temperature, top_p, seed) -> TokenRules:
     stops[:len(stop_ids)] = stop_ids
     return TokenRules(stops, np.int32(pad_id), np.float32(temperature), top_p_threshold(top_p),
                       np.uint32(int(seed) % 2**32))
-
-
-def _mode(m: SamplingMode | str) -> SamplingMode:
-    if isinstance(m, SamplingMode):
-        return m
-    if m == "greedy":
-        return GREEDY
-    if m == "sample":
-        return SamplingMode(do_sample=True)
-    raise ValueError(f"sampling mode must be 'greedy', 'sample' or a SamplingMode, got {m!r}")

@@ -46,16 +46,6 @@ class SamplingMode:
 GREEDY = SamplingMode()
 
 
-def check_sampling_args(do_sample: bool, temperature: float, top_k: int, top_p: float) -> None:
-    """Reject values transformers rejects, with the same meaning."""
-    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
-        raise ValueError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}")
-    if not 0.0 <= float(top_p) <= 1.0:
-        raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
-    if do_sample and not float(temperature) > 0.0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
-
-
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
     """Keep logits ``>=`` the k-th largest per row (``TopKLogitsWarper``), the rest ``-inf``."""
     k = min(int(k), logits.shape[-1])

@@ -1,75 +1,31 @@
 """Chat-template rendering with jinja2, matching transformers' ``apply_chat_template`` environment.
 
-Templates run in jinja2's immutable sandbox with ``trim_blocks`` / ``lstrip_blocks``, the loop-control
-extension, ``tojson`` / ``raise_exception`` / ``strftime_now``, and a no-op ``{% generation %}`` tag (transformers
-uses it for assistant masks). Conversations are normalised the way transformers does (batched or not,
-``None`` values dropped, OpenAI ``image_url`` items turned into ``image`` items), and everything the template
-sees is reduced to plain JSON data, so media objects never reach the sandbox.
+Templates run in transformers' environment in a worker process with bounded time, memory and output
+(:mod:`.template_sandbox`); every template failure is a :class:`ChatTemplateError` naming the template file.
+Conversations are normalised the way transformers does (batched or not, ``None`` values dropped, OpenAI
+``image_url`` items turned into ``image`` items), text must be valid Unicode (``str`` that encodes as UTF-8: no
+``bytes``, no lone surrogates; :class:`InvalidTextError` otherwise), and everything the template sees is reduced
+to plain JSON data, so media objects never reach the sandbox.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import functools
-import json
 from typing import Any, Mapping, Sequence
 
-import jinja2
-import jinja2.ext
-import jinja2.meta
-import jinja2.nodes
 import numpy as np
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ov_jax.processing import template_sandbox
+from ov_jax.processing.template_sandbox import ChatTemplateError
 
 CONTENT_TYPES = ("text", "image", "video")
 IMAGE_KEYS = ("image", "url", "path", "base64")  # where transformers looks for an image item's data, in order
 VIDEO_KEYS = ("video", "url", "path")
 
 
-class GenerationTag(jinja2.ext.Extension):
-    """``{% generation %}...{% endgeneration %}`` renders its body unchanged."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body, lineno=lineno)
-
-
-def _raise_exception(message: str):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.datetime.now().strftime(fmt)
-
-
-@functools.lru_cache(maxsize=16)
-def compile_template(source: str) -> jinja2.Template:
-    """Compile a chat template in the same environment transformers uses."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as err:
-        raise ValueError(f"the chat template does not parse: {err}") from None
-
-
-@functools.lru_cache(maxsize=16)
-def template_variables(source: str) -> frozenset[str]:
+def template_variables(source: str, origin: str = "(given as a string)") -> frozenset[str]:
     """Names a template reads from its context (to tell template kwargs from processor kwargs)."""
-    env = compile_template(source).environment
-    return frozenset(jinja2.meta.find_undeclared_variables(env.parse(source)))
+    return template_sandbox.template_variables(source, origin=origin)
 
 
 def plain_template_data(value: Any) -> Any:
@@ -95,6 +51,30 @@ def plain_template_data(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
+class InvalidTextError(ValueError):
+    """Text that is not valid Unicode: ``bytes``, or a ``str`` with lone surrogates (not encodable as UTF-8)."""
+
+
+def check_text(value: Any, where: str) -> None:
+    """Raise :class:`InvalidTextError` naming ``where`` if ``value`` (or anything nested in it) is ``bytes`` or a
+    ``str`` that is not valid UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InvalidTextError(f"{where} is not valid text: {err.reason} at position {err.start} "
+                                   f"({value[max(0, err.start - 20):err.start + 1]!r})") from None
+    elif isinstance(value, (bytes, bytearray)):
+        raise InvalidTextError(f"{where} is bytes, not text; decode it first (e.g. data.decode('utf-8'))")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            check_text(key, where)
+            check_text(item, f"{where}[{key!r}]" if isinstance(key, str) and key.isprintable() else where)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            check_text(item, f"{where}[{index}]")
+
+
 def normalize_conversations(conversation: Any) -> tuple[list[list[dict]], bool]:
     """``(conversations, is_batched)``: one conversation or a batch of them, each a list of message dicts.
 
@@ -110,6 +90,16 @@ def normalize_conversations(conversation: Any) -> tuple[list[list[dict]], bool]:
         if not isinstance(messages, (list, tuple)):
             raise ValueError(f"conversation {index} is a {type(messages).__name__}, expected a list of messages")
         normalized.append([_normalize_message(message) for message in messages])
+        for number, message in enumerate(normalized[-1]):
+            where = f"conversation {index} message {number}" if is_batched else f"message {number}"
+            check_text({k: v for k, v in message.items() if k != "content"}, where)
+            content = message.get("content")
+            if isinstance(content, list):
+                for item_number, item in enumerate(content):
+                    check_text({k: v for k, v in item.items() if k in ("type", "text")},
+                               f"{where} content item {item_number}")
+            else:
+                check_text(content, f"{where} content")
     return normalized, is_batched
 
 
@@ -167,24 +157,30 @@ def render_conversations(
     source: str,
     conversations: Sequence[Sequence[Mapping]],
     *,
+    origin: str = "(given as a string)",
     add_generation_prompt: bool = False,
     continue_final_message: bool = False,
+    timeout_s: float | None = None,
+    max_chars: int | None = None,
     **template_kwargs: Any,
 ) -> list[str]:
     """Render each conversation with the template (``continue_final_message`` cuts the text after the final
-    message's last text so that generation continues it)."""
+    message's last text so that generation continues it). ``origin`` names the template in errors; the bounds
+    (``timeout_s`` for all conversations together, ``max_chars`` per text) are :func:`.template_sandbox.render`'s.
+    Raises :class:`ChatTemplateError`, :class:`InvalidTextError` or ``ValueError``."""
     if continue_final_message and add_generation_prompt:
         raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
-    template = compile_template(source)
     context = plain_template_data(template_kwargs)
+    check_text(context, "a chat template argument")
     tag = "CONTINUE_FINAL_MESSAGE_TAG "
-    rendered = []
+    contexts, final_texts = [], []
     for conversation in conversations:
         messages = plain_template_data(list(conversation))
-        final_text = None
-        if continue_final_message:
-            final_text = _tag_final_message(messages, tag)
-        text = template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
+        final_texts.append(_tag_final_message(messages, tag) if continue_final_message else None)
+        contexts.append({"messages": messages, "add_generation_prompt": add_generation_prompt, **context})
+    rendered = []
+    for text, final_text in zip(template_sandbox.render(source, contexts, origin=origin, timeout_s=timeout_s,
+                                                        max_chars=max_chars), final_texts):
         if final_text is not None:
             if final_text.strip() not in text or tag.strip() not in text:
                 raise ValueError("continue_final_message is set but the template does not render the final message")

@@ -13,6 +13,8 @@ import json
 import pathlib
 from typing import Any
 
+from ov_jax.hub import checkpoint_file
+
 PROCESSOR_FILE = "processor_config.json"
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 VIDEO_PROCESSOR_FILE = "video_preprocessor_config.json"
@@ -33,18 +35,28 @@ class ProcessorFiles:
     video_processor: dict[str, Any]
     tokenizer_config: dict[str, Any]
     chat_template: str | dict[str, str] | None
+    # The file each template came from, for error messages ("default" for a single template).
+    chat_template_files: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
+def _read_json(directory: pathlib.Path, name: str) -> dict[str, Any] | None:
+    path = checkpoint_file(directory, name)
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def _read_text(path: pathlib.Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not valid UTF-8 text: {err}") from None
 
 
 def _template_from_tokenizer_config(value: Any) -> str | dict[str, str] | None:
@@ -61,9 +73,9 @@ def _template_from_tokenizer_config(value: Any) -> str | dict[str, str] | None:
 def read_processor_files(directory: str | pathlib.Path) -> ProcessorFiles:
     """Parse every processor file in ``directory`` (nested sections take priority over separate files)."""
     directory = pathlib.Path(directory)
-    processor = _read_json(directory / PROCESSOR_FILE) or {}
-    image_file = _read_json(directory / IMAGE_PROCESSOR_FILE)
-    video_file = _read_json(directory / VIDEO_PROCESSOR_FILE)
+    processor = _read_json(directory, PROCESSOR_FILE) or {}
+    image_file = _read_json(directory, IMAGE_PROCESSOR_FILE)
+    video_file = _read_json(directory, VIDEO_PROCESSOR_FILE)
     image_processor = processor.pop("image_processor", None) or image_file
     if image_processor is None:
         raise FileNotFoundError(
@@ -72,18 +84,27 @@ def read_processor_files(directory: str | pathlib.Path) -> ProcessorFiles:
         )
     # transformers falls back to the image processor file for the video processor.
     video_processor = processor.pop("video_processor", None) or video_file or image_file or image_processor
-    tokenizer_config = _read_json(directory / TOKENIZER_CONFIG_FILE) or {}
+    tokenizer_config = _read_json(directory, TOKENIZER_CONFIG_FILE) or {}
 
     chat_template: str | dict[str, str] | None = processor.pop("chat_template", None)
+    origin = directory / PROCESSOR_FILE
+    files: dict[str, pathlib.Path] = {}
     if chat_template is None:
-        template_json = _read_json(directory / CHAT_TEMPLATE_JSON)
-        named = {p.stem: p.read_text(encoding="utf-8") for p in sorted((directory / CHAT_TEMPLATE_DIR).glob("*.jinja"))}
+        template_json = _read_json(directory, CHAT_TEMPLATE_JSON)
+        files = {p.stem: checkpoint_file(directory, f"{CHAT_TEMPLATE_DIR}/{p.name}")
+                 for p in sorted(checkpoint_file(directory, CHAT_TEMPLATE_DIR).glob("*.jinja"))}
+        named = {name: _read_text(path) for name, path in files.items()}
         if template_json is not None:
-            chat_template = template_json.get("chat_template")
+            chat_template, origin = template_json.get("chat_template"), directory / CHAT_TEMPLATE_JSON
         else:
-            if (directory / CHAT_TEMPLATE_JINJA).is_file():
-                named["default"] = (directory / CHAT_TEMPLATE_JINJA).read_text(encoding="utf-8")
+            if checkpoint_file(directory, CHAT_TEMPLATE_JINJA).is_file():
+                files["default"] = checkpoint_file(directory, CHAT_TEMPLATE_JINJA)
+                named["default"] = _read_text(files["default"])
             chat_template = (named["default"] if list(named) == ["default"] else named) or None
     if chat_template is None:
         chat_template = _template_from_tokenizer_config(tokenizer_config.get("chat_template"))
-    return ProcessorFiles(processor, dict(image_processor), dict(video_processor), tokenizer_config, chat_template)
+        origin, files = directory / TOKENIZER_CONFIG_FILE, {}
+    names = list(chat_template) if isinstance(chat_template, dict) else ["default"]
+    template_files = {name: str(files.get(name, origin)) for name in names}
+    return ProcessorFiles(processor, dict(image_processor), dict(video_processor), tokenizer_config, chat_template,
+                          template_files)

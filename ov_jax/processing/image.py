@@ -8,20 +8,16 @@ several images use one mean-colour padded square per image. Tile geometry comes 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
-import io
 import os
-import re
-import urllib.request
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ov_jax import geometry
 from ov_jax.config import DEFAULT_PINPOINTS
+from ov_jax.processing.media import load_image
 
 # Class defaults of the reference image processor (OpenAI CLIP). Checkpoints override them with 0.5.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -92,41 +88,7 @@ def _square_size(size: Any) -> int:
     raise ValueError(f"cannot read a tile size from size={size!r}; expected {{'height': 384, 'width': 384}}")
 
 
-# ----------------------------------------------------------------------------------------------- loading
-
-
-def load_image(source: str | os.PathLike, timeout_s: float = 60.0) -> Image.Image:
-    """Open an image from a path, an http(s) URL, a data URI or a base64 string.
-
-    Like transformers' ``load_image`` the result is EXIF-transposed and converted with ``convert("RGB")``
-    (transparency is dropped, not composited, for images given by source).
-    """
-    text = os.fspath(source)
-    shown = text if len(text) <= 200 else text[:200] + "..."
-    if text.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(text, timeout=timeout_s) as response:  # noqa: S310 (user-given URL)
-                data: Any = io.BytesIO(response.read())
-        except OSError as err:
-            raise ValueError(f"cannot download image {shown!r}: {err}") from None
-    elif os.path.isfile(text):
-        data = text
-    elif text.startswith("data:image/") or _BASE64.fullmatch(text) and len(text) >= 64:
-        try:
-            data = io.BytesIO(base64.b64decode(text.split(",", 1)[-1], validate=True))
-        except binascii.Error as err:
-            raise ValueError(f"image source {shown!r} is not a file, an http(s) URL or valid base64: {err}") from None
-    else:
-        raise FileNotFoundError(f"image file {shown!r} does not exist (and it is not an http(s) URL)")
-    try:
-        image = Image.open(data)
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read image {shown!r}: {type(err).__name__}: {err}") from None
-
-
-_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
+# ------------------------------------------------------------------------------------- conversion to RGB
 
 
 def _pil_to_rgb(image: Image.Image, convert: bool) -> np.ndarray:
@@ -144,11 +106,11 @@ def _pil_to_rgb(image: Image.Image, convert: bool) -> np.ndarray:
 
 def _array_to_rgb(array: np.ndarray, convert: bool) -> np.ndarray:
     """NumPy image (HW, HWC or CHW with 1/3/4 channels, uint8 values) → uint8 HWC RGB."""
-    if array.ndim == 2:
+    if array.ndim == 2:  # grayscale H x W
         array = array[:, :, None]
-    if array.ndim != 3:
+    elif array.ndim != 3:
         raise ValueError(f"an image array must be HxW, HxWxC or CxHxW; got shape {array.shape}")
-    if array.shape[0] in (1, 3, 4):  # channels first wins when ambiguous, as in the reference
+    elif array.shape[0] in (1, 3, 4):  # channels first wins when ambiguous, as in the reference
         array = np.moveaxis(array, 0, -1)
     elif array.shape[-1] not in (1, 3, 4):
         raise ValueError(f"cannot find the channel axis (1, 3 or 4 channels) of an image of shape {array.shape}")
@@ -172,7 +134,7 @@ def _array_to_rgb(array: np.ndarray, convert: bool) -> np.ndarray:
 
 
 def to_rgb_chw(image: Any, *, convert: bool = True) -> np.ndarray:
-    """Any supported image (PIL, NumPy, path/URL string) → uint8 ``[3, H, W]`` RGB."""
+    """Any supported image (PIL, NumPy, or a source :func:`.media.load_image` reads) → uint8 ``[3, H, W]`` RGB."""
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)
     if isinstance(image, Image.Image):
@@ -184,7 +146,7 @@ def to_rgb_chw(image: Any, *, convert: bool = True) -> np.ndarray:
     else:
         raise TypeError(
             f"unsupported image type {type(image).__name__}; pass a PIL image, a uint8 numpy array, "
-            "a file path or an http(s) URL"
+            "a file path, an http(s) URL or base64 data"
         )
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"expected an RGB image after conversion, got shape {rgb.shape}")

@@ -68,6 +68,7 @@ class LlavaOnevisionProcessor:
         video_config: VideoProcessingConfig | None = None,
         *,
         chat_template: str | Mapping[str, str] | None = None,
+        chat_template_files: Mapping[str, str] | None = None,
         num_image_tokens: int = 729,
         vision_aspect_ratio: str = "anyres_max_9",
         vision_feature_select_strategy: str | None = "full",
@@ -81,6 +82,7 @@ class LlavaOnevisionProcessor:
         self.image_config = image_config or ImageProcessingConfig()
         self.video_config = video_config or VideoProcessingConfig()
         self.chat_template = chat_template
+        self.chat_template_files = dict(chat_template_files or {})  # template name -> file, for error messages
         self.num_image_tokens = num_image_tokens
         self.patches_per_side = side
         self.vision_aspect_ratio = vision_aspect_ratio
@@ -116,6 +118,7 @@ class LlavaOnevisionProcessor:
             ImageProcessingConfig.from_dict(found.image_processor),
             VideoProcessingConfig.from_dict(found.video_processor),
             chat_template=found.chat_template,
+            chat_template_files=found.chat_template_files,
             num_image_tokens=int(num_image_tokens),
             vision_aspect_ratio=found.processor.get("vision_aspect_ratio") or "anyres_max_9",
             vision_feature_select_strategy=found.processor.get("vision_feature_select_strategy"),
@@ -212,6 +215,7 @@ class LlavaOnevisionProcessor:
         texts = [text] if isinstance(text, str) else None if text is None else list(text)
         if texts is not None and not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a string or a list of strings")
+        chat.check_text(texts, "text")
         if texts is not None:
             self._check_placeholder_counts(texts, images, videos)
 
@@ -284,20 +288,28 @@ class LlavaOnevisionProcessor:
 
     def resolve_chat_template(self, chat_template: str | None = None) -> str:
         """The template source: ``chat_template`` (a name or a template string) or the checkpoint's default."""
+        return self._template_and_origin(chat_template)[0]
+
+    def _template_and_origin(self, chat_template: str | None) -> tuple[str, str]:
+        """The template source and where it came from (a file of the checkpoint, or the argument)."""
         templates = self.chat_template
         if chat_template is not None:
             if isinstance(templates, Mapping) and chat_template in templates:
-                return templates[chat_template]
-            return chat_template
+                return templates[chat_template], self._origin(chat_template)
+            return chat_template, "(the chat_template argument)"
         if isinstance(templates, Mapping):
             if "default" not in templates:
                 raise ValueError(f"the checkpoint has several chat templates ({', '.join(templates)}) and none is "
                                  "named 'default'; pass chat_template=<name>")
-            return templates["default"]
+            return templates["default"], self._origin("default")
         if templates is None:
             raise ValueError("this checkpoint has no chat template (chat_template.json / chat_template.jinja / "
                              "tokenizer_config.json); pass chat_template=... or build the prompt text yourself")
-        return templates
+        return templates, self._origin("default")
+
+    def _origin(self, name: str) -> str:
+        file = self.chat_template_files.get(name)
+        return repr(file) if file else f"{name!r}"
 
     def apply_chat_template(
         self,
@@ -321,13 +333,13 @@ class LlavaOnevisionProcessor:
         the others (``num_frames``, ``fps``, ``do_sample_frames``, ``padding``, ...) go to ``__call__``, as
         does ``processor_kwargs``. Passing ``num_frames`` or ``fps`` turns on frame sampling.
         """
-        source = self.resolve_chat_template(chat_template)
-        variables = chat.template_variables(source)
+        source, origin = self._template_and_origin(chat_template)
+        variables = chat.template_variables(source, origin)
         template_kwargs = {k: v for k, v in kwargs.items() if k in variables}
         call_kwargs = {**{k: v for k, v in kwargs.items() if k not in variables}, **(processor_kwargs or {})}
         conversations, is_batched = chat.normalize_conversations(conversation)
         prompts = chat.render_conversations(
-            source, conversations, add_generation_prompt=add_generation_prompt,
+            source, conversations, origin=origin, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, **{**self.tokenizer.special_tokens, **template_kwargs},
         )
         if not tokenize:

@@ -14,6 +14,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, processors
 
+from ov_jax.hub import checkpoint_file
+
 # transformers' SPECIAL_TOKENS_ATTRIBUTES: the named tokens exposed to chat templates.
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -53,14 +55,14 @@ class TextTokenizer:
     def from_directory(cls, directory: str | pathlib.Path, config: Mapping[str, Any] | None = None) -> "TextTokenizer":
         """Load ``tokenizer.json`` and (unless ``config`` is given) ``tokenizer_config.json`` from a directory."""
         directory = pathlib.Path(directory)
-        tokenizer_file = directory / "tokenizer.json"
+        tokenizer_file = checkpoint_file(directory, "tokenizer.json")
         if not tokenizer_file.is_file():
             raise FileNotFoundError(
                 f"{directory} has no tokenizer.json; ov_jax reads the fast-tokenizer file only "
                 "(re-save the tokenizer with a recent transformers to create it)"
             )
         if config is None:
-            config_file = directory / "tokenizer_config.json"
+            config_file = checkpoint_file(directory, "tokenizer_config.json")
             config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         return cls(Tokenizer.from_file(str(tokenizer_file)), config)
 

@@ -1,7 +1,8 @@
 """Video decoding, frame sampling and per-frame preprocessing for LLaVA-OneVision.
 
-Decoding tries decord and falls back to PyAV when decord is not installed, cannot open the file
-(e.g. AV1), crashes, or hangs. decord's ``get_batch`` can spin forever in native code holding the
+Frames are PyAV's, as transformers' default reader returns them. decord decodes the files on which its
+frames are bit-identical to PyAV's (:func:`decord_matches_pyav`: not odd heights with 4:2:0 chroma), and
+PyAV takes over when decord is not installed, cannot open the file (e.g. AV1), crashes, or hangs. decord's ``get_batch`` can spin forever in native code holding the
 GIL (dmlc/decord #373, #375): a watchdog thread could neither run nor stop it, so decord runs in a
 worker process (a ``subprocess`` running a small script: no ``multiprocessing`` bootstrapping, no
 ``__main__`` guard needed, no jax imported there) that is SIGKILLed when it misses the deadline.
@@ -31,6 +32,8 @@ from collections.abc import Mapping
 
 import numpy as np
 from PIL import Image
+
+from ov_jax.processing.media import MediaError, check_local_file
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +198,9 @@ class _DecordWorker:
 
     def __init__(self):
         command = [sys.executable, "-c", _DECORD_WORKER_SOURCE, str(os.getpid())]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        # Its own process group: Ctrl-C at a terminal interrupts the parent only (which then kills the worker),
+        # so the worker never prints a KeyboardInterrupt traceback of its own.
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, process_group=0)
         self.ready = False
 
     def send(self, message) -> None:
@@ -335,11 +340,37 @@ def _open_with_pyav(path: str):
     try:
         container = av.open(path)
     except (av.error.FFmpegError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot open video {path!r}: {error}") from error
+        raise MediaError(f"cannot read video {path!r}: {error}") from error
     if not container.streams.video:
         container.close()
-        raise ValueError(f"{path!r} has no video stream")
+        raise MediaError(f"video {path!r} has no video stream")
     return container
+
+
+def check_video_file(path: str | os.PathLike) -> str:
+    """``path`` as a string if it is a readable file PyAV opens with a video stream; else a
+    :class:`~ov_jax.processing.media.MediaError` naming it (missing, a directory, a symlink loop, no video...)."""
+    path = check_local_file(path, "video")
+    _open_with_pyav(path).close()
+    return path
+
+
+def decord_matches_pyav(path: str) -> bool:
+    """Whether decord's frames of this file are bit-identical to PyAV's (and so to transformers').
+
+    Measured (docs/VIDEO.md): equal for 8-bit streams of even height and for 8-bit streams whose chroma has
+    full height (4:4:4); on odd heights with vertically subsampled chroma (4:2:0, MPEG-4 / H.264 / VP9 / MJPEG)
+    decord's colour conversion differs by up to 77 uint8 levels (dmlc/decord #108). Anything else (more than
+    8 bits, odd layouts) is not known to match and counts as different.
+    """
+    with _open_with_pyav(path) as container:
+        video_format = container.streams.video[0].codec_context.format
+    if video_format is None or not video_format.components:
+        return False
+    planes = [c for c in video_format.components if not c.is_alpha]
+    if any(c.bits != 8 for c in video_format.components):
+        return False
+    return video_format.height % 2 == 0 or all(c.height == video_format.height for c in planes)
 
 
 def _decode_selected_with_pyav(path: str, indices: np.ndarray) -> tuple[list[np.ndarray], int]:
@@ -397,7 +428,8 @@ def load_video(source, *, num_frames=None, fps=None, backend=None, timeout_s=60.
 
     ``source``: a file path, or the frames themselves (uint8 array ``[F, H, W, 3]``, list of PIL
     images or of HWC arrays). ``num_frames`` / ``fps`` pick frames as transformers does; neither
-    keeps them all. ``backend``: None (decord, falling back to PyAV), "decord" or "pyav".
+    keeps them all. ``backend``: None (PyAV's frames, as transformers' default reader: decoded by decord where
+    :func:`decord_matches_pyav`, falling back to PyAV), "decord" (decord only, whatever its colours) or "pyav".
     ``timeout_s`` bounds the decord attempt (None: no bound).
     """
     _check_sampling_request(num_frames, fps)
@@ -416,8 +448,9 @@ def load_video(source, *, num_frames=None, fps=None, backend=None, timeout_s=60.
     path = os.fspath(source)
     if path.startswith(("http://", "https://")):
         raise ValueError(f"video URLs are not supported, download the file first: {path!r}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"video file not found: {path!r}")
+    check_local_file(path, "video")
+    if backend is None and _decord_installed() and not decord_matches_pyav(path):
+        backend = "pyav"  # decord's frames of this file would differ from the reference's
     if backend in (None, "decord"):
         if _decord_installed():
             try:

@@ -1,0 +1,83 @@
+"""Why a local path cannot be used, in words: missing, a symlink loop, a broken symlink, a directory, unreadable.
+
+Every entry point that takes a file or directory from the user (the CLI's ``--image`` / ``--video`` /
+``--input`` / ``--prompt-file``, checkpoint directories, batch outputs) names the problem through these
+helpers, so "does not exist" is only ever said of a path that does not exist.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+MISSING = "does not exist"
+
+
+class NotUTF8Error(ValueError):
+    """Text input (a prompt file, a requests line) that is not valid UTF-8."""
+
+
+def path_problem(path: str | os.PathLike) -> str | None:
+    """``None`` when ``path`` exists (following symlinks), else what is wrong with it, e.g. ``"is a symlink loop"``.
+
+    The text completes a sentence that starts with the path: ``f"image {path!r} {problem}"``.
+    """
+    try:
+        os.stat(path)
+        return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symlink loop (or goes through one)"
+        if err.errno == errno.ENOTDIR:
+            return "does not exist (a component of it is a file, not a directory)"
+        if err.errno == errno.EACCES:
+            return "cannot be reached (permission denied on a directory on the way)"
+        if err.errno == errno.ENAMETOOLONG:
+            return "is too long a name for this file system"
+        if os.path.islink(path):
+            return f"is a broken symlink (it points to {os.readlink(path)!r}, which does not exist)"
+        return MISSING
+
+
+def check_file(path: str | os.PathLike, what: str) -> str:
+    """``path`` (as a string) if it is a readable regular file, else an ``OSError`` subclass naming ``what`` it
+    should have been and why it is not (missing, symlink loop, directory, device, unreadable)."""
+    path = os.fspath(path)
+    problem = path_problem(path)
+    if problem is not None:
+        raise FileNotFoundError(f"{what} {path!r} {problem}")
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{what} {path!r} is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        raise FileNotFoundError(f"{what} {path!r} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{what} {path!r} is not readable (permission denied)")
+    return path
+
+
+def check_directory(path: str | os.PathLike, what: str) -> str:
+    """``path`` if it is an existing directory, else an ``OSError`` subclass naming ``what`` and the problem."""
+    path = os.fspath(path)
+    problem = path_problem(path)
+    if problem is not None:
+        raise FileNotFoundError(f"{what} {path!r} {problem}")
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{what} {path!r} is a file, not a directory")
+    return path
+
+
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """The whole of a UTF-8 text file (checked with :func:`check_file`); invalid UTF-8 is a :class:`NotUTF8Error`."""
+    with open(check_file(path, what), "rb") as f:
+        return decode_utf8(f.read(), f"{what} {os.fspath(path)!r}")
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    """``data`` as text; invalid UTF-8 is a :class:`NotUTF8Error` naming ``where`` and the offending byte's offset."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise NotUTF8Error(f"{where} is not valid UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}: "
+                           f"{err.reason})") from None
