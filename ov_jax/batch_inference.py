@@ -106,7 +106,8 @@ def repair_torn_tail(path: str | os.PathLike) -> int:
 def finished_ids(path: str | os.PathLike, *, retry_errors: bool = False) -> set[str]:
     """Id keys already in a results file (errors count as done unless ``retry_errors``). Read only: a torn
     last line (see :func:`repair_torn_tail`) is not done; any other line that is not a UTF-8 JSON object with
-    an ``id`` is a :class:`RequestFileError` naming ``file:line``."""
+    an ``id``, or that is a request (``prompt`` / ``messages`` without ``answer`` / ``error``), is a
+    :class:`RequestFileError` naming ``file:line``."""
     done: set[str] = set()
     try:
         f = open(path, "rb")
@@ -125,6 +126,10 @@ def finished_ids(path: str | os.PathLike, *, retry_errors: bool = False) -> set[
             except (ValueError, KeyError, TypeError) as err:
                 raise RequestFileError(f"{path}:{number + 1}: results line is not a JSON object with an id "
                                        f"({type(err).__name__}); fix or remove it to resume") from None
+            if {"prompt", "messages"} & result.keys() and not {"answer", "error"} & result.keys():
+                raise RequestFileError(f"{path}:{number + 1}: this is a request, not a result (it has a prompt or "
+                                       "messages and no answer or error); is the output another requests file? "
+                                       "Nothing was changed")
             if retry_errors and "error" in result:
                 continue
             done.add(key)

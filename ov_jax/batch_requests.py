@@ -8,6 +8,7 @@ A request has exactly one of ``prompt`` (text) and ``messages`` (chat turns); wi
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from typing import Any, Iterable
@@ -106,16 +107,17 @@ def check_request(record: Any) -> None:
 
 
 def read_requests(path: str | os.PathLike) -> list[Record]:
-    """All requests of a jsonl file, each checked (:func:`check_request`) and given an ``id`` (default: its
-    0-based line number). Any problem is a :class:`RequestFileError` naming ``file:line``: text that is not
-    UTF-8, a line that is not a JSON object, a request that breaks the format, a repeated id, no requests."""
+    """All requests of a jsonl file (a leading UTF-8 byte-order mark is skipped), each checked
+    (:func:`check_request`) and given an ``id`` (default: its 0-based line number). Any problem is a
+    :class:`RequestFileError` naming ``file:line``: text that is not UTF-8, a line that is not a JSON object, a
+    request that breaks the format, a repeated id, no requests."""
     check_file(path, "requests file")
     records, seen = [], {}
     with open(path, "rb") as f:
         for number, data in enumerate(f):
             where = f"{path}:{number + 1}"
             try:
-                line = decode_utf8(data, "the line")
+                line = decode_utf8(data[3:] if number == 0 and data.startswith(codecs.BOM_UTF8) else data, "the line")
             except NotUTF8Error as err:
                 raise RequestFileError(f"{where}: {err}") from None
             if not line.strip():

@@ -1,10 +1,12 @@
 """The ``ov-jax`` command: make a tiny checkpoint, convert, generate, cross-check against PyTorch, benchmark.
 
     ov-jax make-tiny OUT
-    ov-jax convert SRC DST [--dtype bfloat16]
+    ov-jax convert SRC DST [--dtype bfloat16] [--quantize int8|int4 [--group-size N]]
     ov-jax generate --model M [--image P ...] [--video P --num-frames N] (--prompt TEXT | --prompt-file PATH) [...]
     ov-jax compare --model M [--image P ...] [--video P] [--prompt TEXT] [--dtype D] [--tolerance X]
     ov-jax batch --model M --input requests.jsonl --output answers.jsonl [--mesh ...]
+    ov-jax finetune --model M --data train.jsonl --output RUN [--lora-rank R] [--steps N ...] [--resume]
+    ov-jax export RUN OUT
     ov-jax bench [-- benchmark options ...]
 
 Every bad input, a bad flag included, ends in one line ``error: ...`` on stderr and exit status 2 (set
@@ -312,6 +314,72 @@ def run_batch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------ finetune / export
+
+
+FINETUNE_SETTINGS = ("model", "data", "media_root", "steps", "batch_size", "grad_accum", "learning_rate", "warmup",
+                     "weight_decay", "freeze", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout",
+                     "max_length", "num_frames", "packing", "mesh", "compute_dtype", "seed", "save_every", "keep")
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune into a run directory (`ov_jax.train.runs.finetune`); flags left out keep their defaults (or,
+    with --resume, the run's saved settings)."""
+    from ov_jax.train.runs import finetune, run_settings
+
+    given = {name: getattr(args, name) for name in FINETUNE_SETTINGS if getattr(args, name) is not None}
+    config = run_settings(args.output, resume=args.resume, **given)
+    result = finetune(args.output, config, resume=args.resume, overwrite=args.overwrite)
+    last = result.metrics[-1] if result.metrics else None
+    summary = f"step {last['step']}, loss {last['loss']:.4f}" if last else "nothing left to run"
+    print(f"{result.directory}: {summary}; export it with: ov-jax export {args.output} OUT", flush=True)
+    return EXIT_OK
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ov_jax.train.runs import export
+
+    out = export(args.run, args.out)
+    print(f"wrote a transformers checkpoint to {out}", flush=True)
+    return EXIT_OK
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``finetune`` flags; every setting defaults to None here, so only the flags given reach the library."""
+    parser.add_argument("--model", help="base checkpoint directory, converted directory or hub id")
+    parser.add_argument("--data", help="training jsonl: one {\"messages\": [...]} conversation per line")
+    parser.add_argument("--output", required=True, metavar="RUN", help="run directory (checkpoints, metrics)")
+    parser.add_argument("--media-root", help="folder relative media paths start from (default: the jsonl's)")
+    parser.add_argument("--freeze", help="comma-separated presets (vision_tower, projector, language_model, "
+                                         "image_newline) or regexes over params paths")
+    parser.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of the weights")
+    parser.add_argument("--lora-alpha", type=float, help="LoRA alpha: updates scaled by alpha / rank (default 16)")
+    parser.add_argument("--lora-targets", metavar="REGEX",
+                        help="weights that get adapters: comma-separated presets (language_model, projector, "
+                             "vision_tower) or regexes over weight paths such as text\\.layers\\.(q|v) "
+                             "(default language_model)")
+    parser.add_argument("--lora-dropout", type=float, help="dropout on the adapters' inputs (default 0)")
+    parser.add_argument("--steps", type=int, help="optimizer steps (default 100)")
+    parser.add_argument("--batch-size", type=int, help="rows per micro-batch (default 1)")
+    parser.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
+    parser.add_argument("--learning-rate", type=float, help="peak AdamW learning rate (default 1e-5)")
+    parser.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine decay (default 0)")
+    parser.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    parser.add_argument("--max-length", type=int, help="tokens per row, vision tokens included (default 4096); "
+                                                       "longer samples are skipped and reported")
+    parser.add_argument("--num-frames", type=int, help="frames sampled per video (default 8)")
+    parser.add_argument("--packing", action="store_const", const=True,
+                        help="pack several samples into each row (segment ids)")
+    parser.add_argument("--mesh", help="device mesh, e.g. fsdp=4,tensor=2, a preset name or a mesh .json file")
+    parser.add_argument("--dtype", dest="compute_dtype", choices=DTYPES,
+                        help="compute dtype (params stay float32; default float32)")
+    parser.add_argument("--seed", type=int, help="data order and RNG seed (default 0)")
+    parser.add_argument("--save-every", type=int, help="checkpoint interval in steps (default 50)")
+    parser.add_argument("--keep", type=int, help="checkpoints kept (default 3)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output")
+
+
 # --------------------------------------------------------------------------------------------- bench
 
 
@@ -403,6 +471,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
         add_batch_arguments(batch)
 
+    add_finetune_arguments(commands.add_parser(
+        "finetune", help="fine-tune on a chat jsonl (resumable runs)",
+        description="Fine-tune a checkpoint on a jsonl of conversations: labels on the assistant turns, vision "
+                    "tokens counted in --max-length, orbax checkpoints every --save-every steps, metrics.jsonl; "
+                    "--resume continues a stopped run with the same losses."))
+    export = commands.add_parser("export", help="write a fine-tuning run as a transformers checkpoint",
+                                 description="Write the latest checkpoint of a fine-tuning run as a checkpoint that "
+                                             "transformers' from_pretrained loads (base model's tokenizer and "
+                                             "processor files included).")
+    export.add_argument("run", metavar="RUN", help="run directory written by ov-jax finetune")
+    export.add_argument("out", metavar="OUT", help="output directory (new or empty)")
+
     bench = commands.add_parser("bench", help="run the engine benchmarks (source checkout only)",
                                 description="Run a script from the repository's benchmarks/ folder with this Python; "
                                             "further arguments are passed to it (e.g. ov-jax bench -- --help).")
@@ -425,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra[:1] == ["--"]:
         extra = extra[1:]
     runners = {"make-tiny": run_make_tiny, "convert": run_convert, "generate": run_generate, "compare": run_compare,
-               "batch": run_batch}
+               "batch": run_batch, "finetune": run_finetune, "export": run_export}
     try:
         if args.command == "bench":
             return run_bench(args, extra)

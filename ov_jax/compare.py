@@ -161,6 +161,7 @@ def compare(model: str | os.PathLike, *, jax_model: str | os.PathLike | None = N
 
     from ov_jax.checkpoint import is_orbax_checkpoint
     from ov_jax.hub import resolve_checkpoint
+    from ov_jax.loading import plan_checkpoint
     from ov_jax.processing.chat import single_turn
 
     if dtype not in DEFAULT_TOLERANCE:
@@ -170,6 +171,7 @@ def compare(model: str | os.PathLike, *, jax_model: str | os.PathLike | None = N
     if is_orbax_checkpoint(path):
         raise ValueError(f"{path} is a converted ov_jax checkpoint, which transformers cannot read: pass the original "
                          "checkpoint as the model and the converted one as jax_model (--jax-model)")
+    plan_checkpoint(path)  # config.json and weight headers, so damage is named here and not by transformers
     jax_path = path if jax_model is None else resolve_checkpoint(jax_model)
     torch, transformers = _reference()
     kind = "video" if video is not None else "image" if images else "text"

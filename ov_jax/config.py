@@ -70,6 +70,34 @@ class TextConfig:
     pad_token_id: int | None = None
 
 
+QUANT_MODES = ("int8", "int4")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Weight-only quantization of the stored params (`ov_jax.nn.quant`).
+
+    ``mode``: ``"int8"`` (symmetric, one scale per output channel) or ``"int4"`` (symmetric, one scale per
+    output channel and group of ``group_size`` consecutive input features, two values packed per byte).
+    ``group_size`` is ignored for int8 (stored as ``None``); for int4 it must be a positive even integer that
+    divides every quantized weight's input size. ``vision``: also quantize the vision tower's linears and the
+    projector (the language model's linears, embedding and lm_head always are).
+    """
+
+    mode: str
+    group_size: int | None = 128
+    vision: bool = False
+
+    def __post_init__(self):
+        if self.mode not in QUANT_MODES:
+            raise ValueError(f"quantization must be one of {QUANT_MODES}, got {self.mode!r}")
+        if self.mode == "int8":
+            object.__setattr__(self, "group_size", None)
+        elif (not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 2
+              or self.group_size % 2):
+            raise ValueError(f"int4 group_size must be a positive even integer, got {self.group_size!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class OneVisionConfig:
     """Top level: vision tower + projector + Qwen2 + the anyres / video rules."""
@@ -86,6 +114,7 @@ class OneVisionConfig:
     multimodal_projector_bias: bool = True
     tie_word_embeddings: bool = True
     dtype: str = "float32"  # dtype the checkpoint file declares (informational)
+    quantization: QuantConfig | None = None  # quantized weights (`ov_jax.nn.quant`); None = float
 
     @property
     def anyres_max(self) -> int:
@@ -138,14 +167,18 @@ class OneVisionConfig:
             d["image_grid_pinpoints"] = tuple(tuple(p) for p in d["image_grid_pinpoints"])
         if isinstance(d.get("vision_feature_layer"), list):
             d["vision_feature_layer"] = tuple(d["vision_feature_layer"])
+        if d.get("quantization") is not None:
+            d["quantization"] = QuantConfig(**d["quantization"])
         return cls(vision=vision, text=TextConfig(**text), **d)
 
     def replace(self, **changes: Any) -> "OneVisionConfig":
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> "OneVisionConfig":
-        problems = []
         v, t = self.vision, self.text
+        problems = _value_problems(self)
+        if problems:  # the checks below divide by these sizes
+            raise ConfigError("invalid LLaVA-OneVision config: " + "; ".join(problems))
         if v.hidden_size % v.num_attention_heads:
             problems.append(f"vision hidden_size {v.hidden_size} not divisible by heads {v.num_attention_heads}")
         if t.num_attention_heads % t.num_key_value_heads:
@@ -172,6 +205,41 @@ class OneVisionConfig:
         if problems:
             raise ConfigError("invalid LLaVA-OneVision config: " + "; ".join(problems))
         return self
+
+
+_SIZES = {"vision": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size",
+                     "image_size", "num_channels"),
+          "text": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "head_dim", "max_position_embeddings")}
+_POSITIVE_REALS = {"vision": ("layer_norm_eps",), "text": ("rms_norm_eps", "rope_theta")}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _value_problems(config: "OneVisionConfig") -> list[str]:
+    """Sizes that are not positive integers, epsilons / rope theta that are not positive finite numbers,
+    negative or non-integer token ids and pinpoints that are not positive integer pairs (a hostile or damaged
+    config.json would otherwise fail later with a division by zero or a NaN)."""
+    problems = []
+    for section, sizes in _SIZES.items():
+        for name in sizes:
+            value = getattr(getattr(config, section), name)
+            if not _is_int(value) or value < 1:
+                problems.append(f"{section} {name} must be a positive integer, got {value!r}")
+    for section, names in _POSITIVE_REALS.items():
+        for name in names:
+            value = getattr(getattr(config, section), name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                problems.append(f"{section} {name} must be a positive finite number, got {value!r}")
+    for name in ("image_token_id", "video_token_id"):
+        value = getattr(config, name)
+        if not _is_int(value) or value < 0:
+            problems.append(f"{name} must be a non-negative integer token id, got {value!r}")
+    if not all(len(p) == 2 and all(_is_int(x) and x > 0 for x in p) for p in config.image_grid_pinpoints):
+        problems.append(f"image_grid_pinpoints must be pairs of positive integers, got {config.image_grid_pinpoints}")
+    return problems
 
 
 def _check_fields(cls: type, d: dict[str, Any], section: str) -> None:
@@ -203,6 +271,10 @@ def _eos(value: Any) -> int | tuple[int, ...] | None:
 
 
 def text_config_from_hf(d: dict[str, Any]) -> TextConfig:
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    missing = [name for name in required if name not in d]
+    if missing:
+        raise ConfigError(f"the text config has no {', '.join(map(repr, missing))}")
     if d.get("use_sliding_window"):
         raise ConfigError("use_sliding_window=true is not supported")
     heads = d["num_attention_heads"]
@@ -213,7 +285,8 @@ def text_config_from_hf(d: dict[str, Any]) -> TextConfig:
         num_hidden_layers=d["num_hidden_layers"],
         num_attention_heads=heads,
         num_key_value_heads=d.get("num_key_value_heads", heads),
-        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+        head_dim=d.get("head_dim") or (d["hidden_size"] // heads if _is_int(heads) and heads > 0 and
+                                        _is_int(d["hidden_size"]) else 0),  # 0: validate() names the problem
         rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         rope_theta=_rope_theta(d),
         max_position_embeddings=d.get("max_position_embeddings", 32768),
@@ -280,6 +353,10 @@ def config_from_hf_dict(d: dict[str, Any]) -> OneVisionConfig:
         return _config_from_lmms_lab(d)
     if "text_config" not in d:
         raise ConfigError("config.json has neither 'text_config' (transformers) nor 'mm_*' keys (lmms-lab)")
+    for section in ("text_config", "vision_config"):
+        if not isinstance(d.get(section, {}) or {}, dict) or section == "text_config" and not d[section]:
+            raise ConfigError(f"config.json's {section!r} must be a non-empty object, got "
+                              f"{json.dumps(d[section])[:80]}")
     text = text_config_from_hf(d["text_config"])
     vision = vision_config_from_hf(d.get("vision_config") or {})
     feature_layer = d.get("vision_feature_layer", -1)
@@ -342,5 +419,5 @@ def load_config(path: str | os.PathLike) -> OneVisionConfig:
     if not isinstance(d, dict):
         raise ConfigError(f"{file} must hold a JSON object, got {type(d).__name__}")
     if "ov_jax" in d:  # our own converted checkpoints
-        return OneVisionConfig.from_dict(d["ov_jax"])
+        return OneVisionConfig.from_dict(d["ov_jax"]).validate()
     return config_from_hf_dict(d)

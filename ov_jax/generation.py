@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ov_jax.hub import checkpoint_file
+
 log = logging.getLogger(__name__)
 
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -74,8 +76,12 @@ def check_sampling_values(do_sample: bool, temperature: float, top_k: int, top_p
         raise GenerationConfigError(f"do_sample must be True or False, got {do_sample!r}")
     if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise GenerationConfigError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if do_sample and not temperature > 0:
-        raise GenerationConfigError(f"temperature must be > 0 when sampling (do_sample=True), got {temperature!r}")
+    if temperature > float(np.finfo(np.float32).max):
+        raise GenerationConfigError(f"temperature must be a finite float32 number (sampling runs in float32), got "
+                                    f"{temperature!r}")
+    if do_sample and not np.float32(temperature) > 0:
+        raise GenerationConfigError(f"temperature must be > 0 when sampling (do_sample=True; in float32, which "
+                                    f"sampling runs in), got {temperature!r}")
     if not _is_int(top_k) or top_k < 0:
         raise GenerationConfigError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
     if not _is_real(top_p) or not 0.0 < top_p <= 1.0:  # also rejects nan
@@ -165,8 +171,8 @@ class GenerationConfig:
         """A checkpoint directory's ``generation_config.json`` (only it: absent fields are unset, as in
         transformers), or without that file the ids of ``text_config``. A file that is not a valid generation
         config raises :class:`GenerationConfigError` naming it."""
-        path = os.path.join(directory, GENERATION_CONFIG_FILE)
-        if not os.path.isfile(path):
+        path = checkpoint_file(directory, GENERATION_CONFIG_FILE)
+        if not path.is_file():
             return cls.from_text_config(text_config)
         try:
             with open(path, encoding="utf-8") as f:

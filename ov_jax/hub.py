@@ -39,12 +39,18 @@ def checkpoint_file(directory: str | os.PathLike, name: str) -> pathlib.Path:
     if not parts or os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts:
         raise CheckpointError(f"checkpoint {directory} names the file {name!r}, which is outside the checkpoint "
                               "directory (only plain relative names are read)")
+    if "\0" in name:
+        raise CheckpointError(f"checkpoint {directory} names the file {name!r}, which is not a file name (it holds "
+                              "a NUL character)")
     path = directory.joinpath(*parts)
     roots = _allowed_roots(pathlib.Path(os.path.realpath(directory)))
     target = pathlib.Path(os.path.realpath(path))
     if not any(target == root or root in target.parents for root in roots):
         raise CheckpointError(f"checkpoint file {path} is a link to {target}, outside the checkpoint directory; "
                               "it is not read")
+    if os.path.exists(target) and not (target.is_file() or target.is_dir()):  # a FIFO would block the read
+        raise CheckpointError(f"checkpoint file {path} is not a regular file (a pipe, socket or device); it is "
+                              "not read")
     return path
 
 

@@ -370,6 +370,9 @@ def _in_file_layout(canonical_name: str, seen_prefixes: dict[str, str]) -> str:
     return canonical_name
 
 
+_LISTED = 40  # problems of one kind shown in a mismatch error
+
+
 def plan_checkpoint(path: str | os.PathLike, config: OneVisionConfig | None = None) -> CheckpointPlan:
     """Read the headers of a checkpoint directory and plan every params leaf; all problems in one error."""
     directory = Path(path)
@@ -392,6 +395,11 @@ def plan_checkpoint(path: str | os.PathLike, config: OneVisionConfig | None = No
             seen_prefixes.setdefault(layout[1], layout[0])
     shapes = {name: headers[key][0] for name, key in canonical.items()}
     config = _untie_if_file_has_lm_head(config or _read_config(directory, shapes), canonical)
+    layers = config.text.num_hidden_layers + config.vision.num_hidden_layers
+    if layers > len(canonical):  # every layer has tensors: cannot match, and listing its keys would not end
+        raise CheckpointError(f"checkpoint {directory}: its config has {config.text.num_hidden_layers} text and "
+                              f"{config.vision.num_hidden_layers} vision layers, more than the {len(canonical)} "
+                              "tensors in its weights files can hold")
     expected = checkpoint_keys(config)
 
     misshaped, unsupported, largest = [], [], 0
@@ -416,7 +424,8 @@ def plan_checkpoint(path: str | os.PathLike, config: OneVisionConfig | None = No
         missing = [m + " (config.json does not tie word embeddings)" if m.endswith("lm_head.weight") else m
                    for m in missing]
 
-    problems = [(f"{len(items)} {what}:\n    " + "\n    ".join(items))
+    problems = [(f"{len(items)} {what}:\n    " + "\n    ".join(items[:_LISTED])
+                 + (f"\n    ... and {len(items) - _LISTED} more" if len(items) > _LISTED else ""))
                 for what, items in (("unknown keys", unknown), ("missing keys", missing),
                                     ("wrong shapes", misshaped), ("duplicate tensors", duplicates),
                                     ("unsupported dtypes (float32/float16/bfloat16 only)", unsupported))

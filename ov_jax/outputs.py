@@ -3,7 +3,8 @@
 Rule: a destination is written only if it does not exist, is an empty directory, or is a previous output of
 the same kind (it carries the marker file :data:`MARKER` recording that kind and the entries written) and
 holds nothing else; replacing a previous output needs ``overwrite``. A destination that is, or contains, a
-source of the command or the current directory is always refused. Everything else is an
+source of the command or the current directory is always refused, and so is one that cannot be followed (a
+symlink loop, a broken symlink). Everything else is an
 :class:`OutputPathError` in one line.
 
 Two ways to write:
@@ -25,6 +26,8 @@ import shutil
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from ov_jax.paths import path_problem
 
 MARKER = ".ov_jax-output.json"
 _TMP_MARK = ".ov_jax-tmp-"
@@ -64,6 +67,9 @@ def check_output_dir(dst: str | os.PathLike, *, kind: str, overwrite: bool = Fal
     ``kind`` names the command (e.g. ``"convert"``); ``sources`` are the paths the command reads (never
     replaced, nor any directory holding them). Returns the absolute path with symlinks resolved.
     """
+    problem = path_problem(dst) if os.path.islink(dst) else None
+    if problem is not None:  # a symlink loop or a broken symlink: nothing to write into
+        raise OutputPathError(f"refusing to write {kind} output to {os.fspath(dst)}: it {problem}")
     dst = Path(os.path.realpath(os.fspath(dst)))
     if not os.path.lexists(dst):
         return dst

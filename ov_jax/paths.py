@@ -12,6 +12,12 @@ import os
 import stat
 
 MISSING = "does not exist"
+# path_problem's words for a path that is simply not there (nothing to follow, nothing in the way).
+NOT_THERE = (MISSING, "does not exist (a component of it is a file, not a directory)",
+             "is too long a name for this file system")
+BROKEN_SYMLINK = "is a broken symlink"
+DIRECTORY = "is a directory, not a file"
+UNREADABLE = "is not readable (permission denied)"
 
 
 class NotUTF8Error(ValueError):
@@ -21,7 +27,8 @@ class NotUTF8Error(ValueError):
 def path_problem(path: str | os.PathLike) -> str | None:
     """``None`` when ``path`` exists (following symlinks), else what is wrong with it, e.g. ``"is a symlink loop"``.
 
-    The text completes a sentence that starts with the path: ``f"image {path!r} {problem}"``.
+    The text completes a sentence that starts with the path: ``f"image {path!r} {problem}"``; it is one of
+    :data:`NOT_THERE` when the path is simply not there.
     """
     try:
         os.stat(path)
@@ -30,31 +37,43 @@ def path_problem(path: str | os.PathLike) -> str | None:
         if err.errno == errno.ELOOP:
             return "is a symlink loop (or goes through one)"
         if err.errno == errno.ENOTDIR:
-            return "does not exist (a component of it is a file, not a directory)"
+            return NOT_THERE[1]
         if err.errno == errno.EACCES:
             return "cannot be reached (permission denied on a directory on the way)"
         if err.errno == errno.ENAMETOOLONG:
-            return "is too long a name for this file system"
+            return NOT_THERE[2]
         if os.path.islink(path):
-            return f"is a broken symlink (it points to {os.readlink(path)!r}, which does not exist)"
-        return MISSING
+            return f"{BROKEN_SYMLINK} (it points to {os.readlink(path)!r}, which does not exist)"
+        if err.errno == errno.ENOENT:
+            return MISSING
+        return f"cannot be accessed: {err.strerror}"
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """``None`` when ``path`` is a readable regular file, else what is wrong with it: :func:`path_problem`'s
+    words, :data:`DIRECTORY`, ``"is not a regular file"`` (a device, a pipe) or :data:`UNREADABLE`."""
+    problem = path_problem(path)
+    if problem is not None:
+        return problem
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        return DIRECTORY
+    if not stat.S_ISREG(mode):
+        return "is not a regular file"
+    if not os.access(path, os.R_OK):
+        return UNREADABLE
+    return None
 
 
 def check_file(path: str | os.PathLike, what: str) -> str:
     """``path`` (as a string) if it is a readable regular file, else an ``OSError`` subclass naming ``what`` it
     should have been and why it is not (missing, symlink loop, directory, device, unreadable)."""
     path = os.fspath(path)
-    problem = path_problem(path)
-    if problem is not None:
-        raise FileNotFoundError(f"{what} {path!r} {problem}")
-    mode = os.stat(path).st_mode
-    if stat.S_ISDIR(mode):
-        raise IsADirectoryError(f"{what} {path!r} is a directory, not a file")
-    if not stat.S_ISREG(mode):
-        raise FileNotFoundError(f"{what} {path!r} is not a regular file")
-    if not os.access(path, os.R_OK):
-        raise PermissionError(f"{what} {path!r} is not readable (permission denied)")
-    return path
+    problem = file_problem(path)
+    if problem is None:
+        return path
+    error = {DIRECTORY: IsADirectoryError, UNREADABLE: PermissionError}.get(problem, FileNotFoundError)
+    raise error(f"{what} {path!r} {problem}")
 
 
 def check_directory(path: str | os.PathLike, what: str) -> str:

@@ -279,6 +279,8 @@ def make_tiny(out_dir, *, seed: int = 0, tie_word_embeddings: bool = False, visi
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     text, vision = dict(TEXT_SIZES), dict(VISION_SIZES)
     for sizes, overrides, what in ((text, text_overrides, "text"), (vision, vision_overrides, "vision")):
         unknown = set(overrides or {}) - set(sizes) - ({"vocab_size"} if what == "text" else set())

@@ -142,6 +142,8 @@ def test_bad_request_files_are_clear_errors(tmp_path):
         read_requests(path)
     path.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n')
     assert [r["id"] for r in read_requests(path)] == [0, 2]  # default id: the line number
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\r\n{"id": "1", "prompt": "b"}\r\n{"id": 1, "prompt": "c"}\r\n')
+    assert [(r["id"], r["prompt"]) for r in read_requests(path)] == [(0, "a"), ("1", "b"), (1, "c")]  # BOM, CRLF
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         run_batch_inference(path, tmp_path / "o.jsonl", FakeModel(), batch_size=0)
 
@@ -211,12 +213,15 @@ def test_output_paths_that_cannot_hold_results_are_refused(tmp_path):
     notes.write_bytes(b"keep me\nand me")  # no final newline: must not be "repaired"
     results_like = tmp_path / "old.jsonl"
     results_like.write_bytes(b'{"id": "q0", "answer": "A"}\nnot a torn results line')
+    other_requests = tmp_path / "other.jsonl"
+    other_requests.write_bytes(b'{"id": "q0", "prompt": "another question"}\n')  # would skip q0 as done
     cases = [(requests, "is the requests file"), (tmp_path / "link.jsonl", "is the requests file"),
              (tmp_path / "hard.jsonl", "is the requests file"), (tmp_path / "outdir", "is a directory"),
              ("/dev/null", "is not a regular file"), (tmp_path / "loop_a", "is a symlink loop"),
              (notes / "out.jsonl", "a component of it is a file"),
              (notes, r"notes.txt:1: results line is not a JSON object"),
-             (results_like, "old.jsonl: its last line is not a results line")]
+             (results_like, "old.jsonl: its last line is not a results line"),
+             (other_requests, "other.jsonl:1: this is a request, not a result")]
     for output, message in cases:
         model = FakeModel()
         with pytest.raises((OutputFileError, RequestFileError), match=message):
@@ -224,6 +229,7 @@ def test_output_paths_that_cannot_hold_results_are_refused(tmp_path):
         assert model.batches == 0
     assert requests.read_bytes() == original and notes.read_bytes() == b"keep me\nand me"
     assert results_like.read_bytes().endswith(b"not a torn results line")
+    assert other_requests.read_bytes() == b'{"id": "q0", "prompt": "another question"}\n'
 
 
 def test_a_finished_dataset_is_not_run_again_and_loads_no_model(tmp_path):

@@ -384,6 +384,19 @@ def bad_inputs(tmp_path_factory, tiny_dir, converted_dir):
     weights = d / "ckpt_truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     (d / "ckpt_no_weights" / "model.safetensors").unlink()
+    damaged_files = {"ckpt_tokenizer_not_utf8": ("tokenizer.json", b'{"a": "\xff"}'),
+                     "ckpt_tokenizer_not_json": ("tokenizer.json", b'{"a": '),
+                     "ckpt_tokenizer_config_not_utf8": ("tokenizer_config.json", b"\xff"),
+                     "ckpt_tokenizer_config_bad_token": ("tokenizer_config.json", b'{"eos_token": 5}'),
+                     "ckpt_processor_config_bad_section": ("processor_config.json", b'{"image_processor": 5}'),
+                     "ckpt_preprocessor_config_not_json": ("preprocessor_config.json", b"{"),
+                     "ckpt_chat_template_not_utf8": ("chat_template.jinja", b"{{ \xff }}"),
+                     "ckpt_chat_template_json_bad": ("chat_template.json", b'{"chat_template": 5}'),
+                     "ckpt_generation_config_not_json": ("generation_config.json", b"{"),
+                     "ckpt_garbage_weights": ("model.safetensors", b"garbage, not safetensors")}
+    for name, (file, content) in damaged_files.items():
+        shutil.copytree(tiny_dir, d / name)
+        (d / name / file).write_bytes(content)
     shutil.copytree(converted_dir, d / "converted_damaged")
     chunk = max((p for p in (d / "converted_damaged").rglob("*") if p.is_file() and p.parent.name == "d"),
                 key=lambda p: p.stat().st_size)
@@ -411,6 +424,26 @@ ERROR_WALK = [  # (argv, what the one error line must say); relative paths are i
     (["generate", "--model", "ckpt_bad_config", "--prompt", "hi"], "config.json is not valid JSON"),
     (["generate", "--model", "ckpt_truncated", "--prompt", "hi"], "cannot read safetensors file"),
     (["generate", "--model", "ckpt_no_weights", "--prompt", "hi"], "no model.safetensors or model.safetensors.index"),
+    (["generate", "--model", "ckpt_garbage_weights", "--prompt", "hi"],
+     "cannot read safetensors file ckpt_garbage_weights/model.safetensors"),
+    (["generate", "--model", "ckpt_tokenizer_not_utf8", "--prompt", "hi"],
+     "ckpt_tokenizer_not_utf8/tokenizer.json is not valid UTF-8 text (byte 0xff at offset 7"),
+    (["generate", "--model", "ckpt_tokenizer_not_json", "--prompt", "hi"],
+     "ckpt_tokenizer_not_json/tokenizer.json is not a tokenizer file the tokenizers library can read"),
+    (["generate", "--model", "ckpt_tokenizer_config_not_utf8", "--prompt", "hi"],
+     "ckpt_tokenizer_config_not_utf8/tokenizer_config.json is not valid UTF-8 text"),
+    (["generate", "--model", "ckpt_tokenizer_config_bad_token", "--prompt", "hi"],
+     "ckpt_tokenizer_config_bad_token/tokenizer_config.json: cannot read a special token from 5"),
+    (["generate", "--model", "ckpt_processor_config_bad_section", "--prompt", "hi"],
+     "ckpt_processor_config_bad_section/processor_config.json: 'image_processor' must be a JSON object, got int"),
+    (["generate", "--model", "ckpt_preprocessor_config_not_json", "--prompt", "hi"],
+     "ckpt_preprocessor_config_not_json/preprocessor_config.json is not valid JSON"),
+    (["generate", "--model", "ckpt_chat_template_not_utf8", "--prompt", "hi"],
+     "ckpt_chat_template_not_utf8/chat_template.jinja is not valid UTF-8 text"),
+    (["generate", "--model", "ckpt_chat_template_json_bad", "--prompt", "hi"],
+     "ckpt_chat_template_json_bad/chat_template.json: chat_template must be a string"),
+    (["generate", "--model", "ckpt_generation_config_not_json", "--prompt", "hi"],
+     "ckpt_generation_config_not_json/generation_config.json: not a valid generation config"),
     (["generate", "--model", "converted_damaged", "--prompt", "hi"], "convert it again"),
     # generate: media
     (GEN + ["--image", "/no/such.png"], "image '/no/such.png' does not exist"),
@@ -437,6 +470,7 @@ ERROR_WALK = [  # (argv, what the one error line must say); relative paths are i
     (GEN + ["--top-p", "inf", "--temperature", "1"], "top_p must be"),
     (GEN + ["--top-p", "0.5"], "--top-p only filter sampled tokens"),
     (GEN + ["--top-k", "-1", "--temperature", "1"], "top_k must be an integer >= 0 (0 = off), got -1"),
+    (GEN + ["--temperature", "1e-300"], "temperature must be > 0 when sampling"),
     (GEN + ["--seed", "x"], "argument --seed: invalid int value: 'x'"),
     # generate: the prompt
     (["generate", "--model", "{tiny}"], "one of the arguments --prompt --prompt-file is required"),
@@ -458,6 +492,9 @@ ERROR_WALK = [  # (argv, what the one error line must say); relative paths are i
     (["compare", "--model", "{tiny}", "--prompt-file", "not_utf8.txt"],
      "prompt file 'not_utf8.txt' is not valid UTF-8"),
     (["compare", "--model", "{converted}"], "which transformers cannot read"),
+    (["compare", "--model", "ckpt_truncated"], "cannot read safetensors file ckpt_truncated/model.safetensors"),
+    (["compare", "--model", "ckpt_garbage_weights"], "cannot read safetensors file ckpt_garbage_weights/"),
+    (["compare", "--model", "ckpt_bad_config"], "ckpt_bad_config/config.json is not valid JSON"),
     # batch: numbers and flags
     (BATCH + ["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     (BATCH + ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
@@ -475,6 +512,7 @@ ERROR_WALK = [  # (argv, what the one error line must say); relative paths are i
     (BATCH[:-1] + ["loop_a"], "output 'loop_a' is a symlink loop"),
     (BATCH[:-1] + ["file.txt/out.jsonl"], "output 'file.txt/out.jsonl' does not exist (a component of it is a file"),
     (BATCH[:-1] + ["file.txt"], "file.txt:1: results line is not a JSON object with an id"),
+    (BATCH[:-1] + ["dup.jsonl"], "dup.jsonl:1: this is a request, not a result"),
     # batch: the requests
     (["batch", "--model", "{tiny}", "--input", "missing.jsonl", "--output", "out.jsonl"],
      "requests file 'missing.jsonl' does not exist"),
@@ -494,9 +532,17 @@ ERROR_WALK = [  # (argv, what the one error line must say); relative paths are i
     (["make-tiny", "{tiny}"], "already exists (an earlier make-tiny output)"),
     (["make-tiny", "out", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
     (["make-tiny", "out", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    (["make-tiny", "out", "--seed", "-5"], "seed must be a non-negative integer, got -5"),
     (["convert", "./missing", "out", "--no-progress"], "checkpoint directory './missing' does not exist"),
     (["convert", "{tiny}", "out", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
     (["convert", "{tiny}", "{converted}", "--no-progress"], "already exists"),
+    (["convert", "ckpt_truncated", "out", "--no-progress"], "cannot read safetensors file ckpt_truncated/"),
+    (["convert", "ckpt_garbage_weights", "out", "--no-progress"], "cannot read safetensors file ckpt_garbage_weights/"),
+    (["make-tiny", "loop_a"], "refusing to write make-tiny output to loop_a: it is a symlink loop"),
+    (["make-tiny", "broken_link"], "refusing to write make-tiny output to broken_link: it is a broken symlink"),
+    (["convert", "{tiny}", "loop_a", "--no-progress"], "refusing to write convert output to loop_a: it is a symlink loop"),
+    (["convert", "{tiny}", "broken_link", "--no-progress"],
+     "refusing to write convert output to broken_link: it is a broken symlink"),
     (["bench", "--script", "nope.py"], "benchmark script 'nope.py' not found"),
 ]
 

@@ -63,6 +63,12 @@ def test_lmms_lab_config():
     (dict(vision_feature_select_strategy="default"), "not supported"),
     (dict(vision_feature_layer=7), "outside the tower"),
     (dict(image_grid_pinpoints=[[384, 500]]), "not a multiple"),
+    (dict(image_grid_pinpoints=[[0, 0]]), "pairs of positive integers"),
+    (dict(image_token_index=-1), "image_token_id must be a non-negative integer"),
+    (dict(text_config=None), "'text_config' must be a non-empty object, got null"),
+    (dict(vision_config=[1]), "'vision_config' must be a non-empty object"),
+    (dict(vision_config={"patch_size": 0}), "vision patch_size must be a positive integer, got 0"),
+    (dict(vision_config={"image_size": 0}), "vision image_size must be a positive integer, got 0"),
 ])
 def test_bad_top_level_values(change, message):
     d = to_hf_dict(preset("tiny")) | change
@@ -74,6 +80,12 @@ def test_bad_top_level_values(change, message):
     (dict(use_sliding_window=True), "sliding_window"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6}), "rope type"),
     (dict(num_key_value_heads=3), "multiple of kv heads"),
+    # hostile or damaged values: named, not a ZeroDivisionError / TypeError / NaN later
+    (dict(num_attention_heads=0, head_dim=None), "text num_attention_heads must be a positive integer, got 0"),
+    (dict(num_hidden_layers=2.0), "text num_hidden_layers must be a positive integer, got 2.0"),
+    (dict(num_hidden_layers="2"), "text num_hidden_layers must be a positive integer, got '2'"),
+    (dict(rms_norm_eps=float("nan")), "text rms_norm_eps must be a positive finite number, got nan"),
+    (dict(max_position_embeddings=0), "text max_position_embeddings must be a positive integer"),
 ])
 def test_bad_text_values(change, message):
     d = to_hf_dict(preset("tiny"))
@@ -90,4 +102,7 @@ def test_missing_and_broken_files(tmp_path):
         load_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_onevision"}))
     with pytest.raises(ConfigError, match="neither 'text_config'"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_onevision", "text_config": {"a": 1}}))
+    with pytest.raises(ConfigError, match="the text config has no 'vocab_size', 'hidden_size'"):
         load_config(tmp_path)

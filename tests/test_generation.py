@@ -189,6 +189,7 @@ def test_sampling_defaults_to_top_k_50_and_honours_the_checkpoint(tiny_ckpt, mod
 @pytest.mark.parametrize("kwargs,name", [
     (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf"), do_sample=True), "temperature"),
     (dict(temperature=-1.0), "temperature"), (dict(temperature=0.0, do_sample=True), "temperature"),
+    (dict(temperature=1e-300, do_sample=True), "temperature"), (dict(temperature=1e308), "float32"),
     (dict(top_p=float("nan")), "top_p"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k"), (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=True), "max_new_tokens"), (dict(stop_token_ids=[-1]), "eos_token_id"),

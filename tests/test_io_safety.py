@@ -119,8 +119,14 @@ def test_index_shard_names_outside_the_checkpoint_are_refused(tiny_ckpt, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_an_index_shard_name_with_a_nul_is_named(tiny_ckpt, tmp_path):
+    ckpt = _sharded(tiny_ckpt, tmp_path / "ckpt", "model.safetensors\0")
+    with pytest.raises(CheckpointError, match="names the file 'model.safetensors\\\\x00', which is not a file name"):
+        load_params(ckpt)
+
+
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja",
-                                  "preprocessor_config.json"])
+                                  "preprocessor_config.json", "generation_config.json"])
 def test_symlinks_leaving_the_checkpoint_are_refused(tiny_ckpt, tmp_path, name):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_ckpt, ckpt)
@@ -128,13 +134,23 @@ def test_symlinks_leaving_the_checkpoint_are_refused(tiny_ckpt, tmp_path, name):
     (ckpt / name).symlink_to(tmp_path / name)
     match = f"{ckpt / name} is a link to {tmp_path / name}, outside the checkpoint directory"
     with pytest.raises(CheckpointError, match=match):
-        if name in ("model.safetensors", "config.json"):
+        if name in ("model.safetensors", "config.json", "generation_config.json"):
             LlavaOnevision.from_pretrained(ckpt)
         else:
             LlavaOnevisionProcessor.from_pretrained(ckpt)
     with pytest.raises(CheckpointError, match=match):  # conversion never copies it
         convert(ckpt, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pipe_in_place_of_a_checkpoint_file_is_refused_not_read(tiny_ckpt, tmp_path):
+    """Opening a FIFO named config.json blocked forever."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    (ckpt / "config.json").unlink()
+    os.mkfifo(ckpt / "config.json")
+    with pytest.raises(CheckpointError, match="config.json is not a regular file"):
+        LlavaOnevision.from_pretrained(ckpt)
 
 
 def test_links_inside_the_checkpoint_and_hub_cache_snapshots_load(tiny_ckpt, tmp_path):
@@ -257,6 +273,25 @@ def test_missing_or_damaged_checksums_file(converted):
     with pytest.raises(CorruptCheckpointError, match="has no checksums.json.*verify=False"):
         load_orbax(converted)
     load_orbax(converted, verify=False)
+
+
+def _edit_checksums(converted: Path, edit) -> None:
+    checksums = json.loads((converted / "checksums.json").read_text())
+    edit(checksums)
+    (converted / "checksums.json").write_text(json.dumps(checksums))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c["files"].update(dict.fromkeys(c["files"], "0")), "checksums.json is unreadable"),
+    (lambda c: c["arrays"].update({"text.embed": "0"}), "checksums.json is unreadable"),
+    (lambda c: c.update(files={}), "params/.* has no entry in checksums.json"),
+    (lambda c: c["arrays"].pop("text.embed"), "array text.embed has no entry in checksums.json"),
+])
+def test_an_edited_checksums_file_is_damage_not_a_pass(converted, edit, match):
+    """Entries that are not objects, or files and arrays left out, cannot turn verification off."""
+    _edit_checksums(converted, edit)
+    with pytest.raises(CorruptCheckpointError, match=match):
+        load_orbax(converted)
 
 
 def test_links_inside_params_that_leave_the_checkpoint_are_refused(converted, tmp_path):

@@ -179,6 +179,20 @@ def test_every_bad_key_is_listed_in_one_error(hf_checkpoint, tmp_path):
         assert expected in message, message
 
 
+@pytest.mark.parametrize("layers", [20_000, 60])
+def test_a_config_with_far_more_layers_than_the_file_is_a_short_error(tiny_ckpt, tmp_path, layers):
+    """20,000 layers: refused before any key is listed (10**9 ran out of memory); 60: the listing is cut short."""
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, path)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] = layers
+    (path / "config.json").write_text(json.dumps(config))
+    match = "more than the 85 tensors" if layers > 85 else r"missing keys:(\n    \S+){40}\n    \.\.\. and \d+ more"
+    with pytest.raises(CheckpointError, match=match) as err:
+        load_params(path)
+    assert len(str(err.value)) < 5000
+
+
 def test_no_config(hf_checkpoint, tmp_path):
     root, _, _ = hf_checkpoint
     shutil.copy(root / "save_pretrained" / "model.safetensors", tmp_path)

@@ -154,6 +154,8 @@ def test_errors_name_the_input(tmp_path, server):
         ("abc", MediaError, r"image 'abc' does not exist as a file and is not valid base64"),
         ("data:image/png;base64,###", MediaError, r"cannot read image .data:image/png;base64,###"),
         ("data:image/png;base64,a", MediaError, r"not a valid base64 data URI"),
+        ("data:text/plain;base64,aGk=", MediaError, r"is a data URI of type 'text/plain', not an image"),
+        ("data:,hi", MediaError, r"is a data URI of type 'none', not an image"),
         (f"{server}/absent.png", MediaError, r"cannot download image .*absent.png.*404"),
     ]
     for source, kind, message in cases:

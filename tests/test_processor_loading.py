@@ -7,6 +7,7 @@ chat_template.jinja). Config values are made non-default so that reading the wro
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from PIL import Image
 
 from ov_jax.compare import reference_processor
 from ov_jax.processing import LlavaOnevisionProcessor
+from ov_jax.processing.tokenizer import TextTokenizer
 
 IMAGE_MEAN, IMAGE_STD = [0.25, 0.5, 0.75], [0.2, 0.3, 0.4]
 VIDEO_MEAN, VIDEO_STD = [0.1, 0.2, 0.3], [0.6, 0.5, 0.4]
@@ -181,6 +183,21 @@ def test_loading_errors(hub_layout, tmp_path):
         LlavaOnevisionProcessor.from_pretrained(no_tokenizer)
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer.json", b"\xff", "tokenizer.json is not valid UTF-8 text"),
+    ("tokenizer.json", b"[1]", "tokenizer.json is not a tokenizer file the tokenizers library can read"),
+    ("tokenizer_config.json", b"\xff", "tokenizer_config.json is not valid UTF-8 text"),
+    ("tokenizer_config.json", b"{", "tokenizer_config.json is not valid JSON"),
+    ("tokenizer_config.json", b'{"pad_token": 5}', "tokenizer_config.json: cannot read a special token from 5"),
+])
+def test_tokenizer_file_errors_name_the_file(hub_layout, tmp_path, name, content, message):
+    path = tmp_path / "ckpt"
+    shutil.copytree(hub_layout, path)
+    (path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"{path}/{message}")):
+        TextTokenizer.from_directory(path)
+
+
 def test_hub_id_offline_gives_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
@@ -209,3 +226,45 @@ def test_importing_ov_jax_is_cheap():
     code = ("import sys, ov_jax; heavy = [m for m in ('jax', 'PIL', 'tokenizers', 'jinja2', 'torch') if m in sys.modules];"
             "assert not heavy, heavy; assert ov_jax.Processor is ov_jax.LlavaOnevisionProcessor")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+@pytest.mark.parametrize("file, change, message", [
+    ("preprocessor_config.json", {"size": {"height": 0, "width": 0}}, "tile size must be a positive integer, got 0"),
+    ("preprocessor_config.json", {"image_std": [0, 0, 0]}, r"image_std must be 3 finite numbers \(none 0\)"),
+    ("preprocessor_config.json", {"image_mean": [float("nan")] * 3}, "image_mean must be 3 finite numbers"),
+    ("preprocessor_config.json", {"image_mean": [0.5, 0.5]}, "image_mean must be 3 finite numbers"),
+    ("preprocessor_config.json", {"rescale_factor": float("nan")}, "rescale_factor must be a positive finite"),
+    ("preprocessor_config.json", {"resample": 99}, "resample must be a PIL resampling filter"),
+    ("preprocessor_config.json", {"image_grid_pinpoints": []}, "image_grid_pinpoints must be pairs"),
+    ("preprocessor_config.json", {"image_grid_pinpoints": [[384_000, 384_000]]}, "147,456,000,000-pixel grid"),
+    ("processor_config.json", {"num_image_tokens": -1}, "num_image_tokens must be a positive integer, got -1"),
+    ("processor_config.json", {"vision_aspect_ratio": "anyres_max_0"}, "'anyres_max_N' with N >= 1"),
+    ("processor_config.json", {"chat_template": 5}, "processor_config.json: chat_template must be a string"),
+])
+def test_processor_config_values_that_cannot_work_are_named(hub_layout, tmp_path, file, change, message):
+    """Hostile or damaged values: one ValueError naming the value, not a ZeroDivisionError, NaN pixels, an
+    isqrt error or a silently ignored template."""
+    path = tmp_path / "ckpt"
+    shutil.copytree(hub_layout, path)
+    config = json.loads((path / file).read_text())
+    (path / file).write_text(json.dumps(config | change))
+    with pytest.raises(ValueError, match=message):
+        LlavaOnevisionProcessor.from_pretrained(path)
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("tokenizer.json", "{not json", r"tokenizer.json is not a tokenizer file the tokenizers library can read"),
+    ("tokenizer.json", "[1, 2]", r"tokenizer.json is not a tokenizer file"),
+    ("tokenizer_config.json", {"image_token": "<nope>"}, r"token '<nope>' is not in the tokenizer's vocabulary"),
+    ("tokenizer_config.json", {"added_tokens_decoder": 5}, "added_tokens_decoder must be an object, got int"),
+])
+def test_unreadable_tokenizer_files_are_named(hub_layout, tmp_path, file, content, message):
+    """tokenizers raises a bare Exception, an unknown image token was a KeyError, a non-object decoder an
+    AttributeError: each is now a ValueError naming the file or the token."""
+    path = tmp_path / "ckpt"
+    shutil.copytree(hub_layout, path)
+    if isinstance(content, dict):
+        content = json.dumps(json.loads((path / file).read_text()) | content)
+    (path / file).write_text(content)
+    with pytest.raises(ValueError, match=message):
+        LlavaOnevisionProcessor.from_pretrained(path)

@@ -87,3 +87,12 @@ def test_greedy_is_first_argmax():
     logits = jnp.asarray(hand_made_logits())
     tokens = choose_tokens(logits, SamplingMode(), jnp.float32(1.0), top_p_threshold(1.0), jnp.uint32(0), jnp.int32(0))
     np.testing.assert_array_equal(np.asarray(tokens), torch.tensor(hand_made_logits()).argmax(-1).numpy())
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (0, 0.9)])
+def test_a_tiny_temperature_samples_the_argmax_not_nan(top_k, top_p):
+    """logits / 1e-30 overflows float32 for every logit above ~3.4e8 * 1e-30; the limit of sampling is greedy."""
+    logits = jnp.asarray(np.tile(hand_made_logits(), (4, 1)))
+    mode = SamplingMode.from_args(True, top_k, top_p)
+    tokens = choose_tokens(logits, mode, jnp.float32(1e-38), top_p_threshold(top_p), jnp.uint32(0), jnp.int32(0))
+    np.testing.assert_array_equal(np.asarray(tokens), np.argmax(np.asarray(logits), axis=-1))

@@ -258,3 +258,5 @@ def test_bad_arguments_are_rejected(tmp_path):
         make_tiny(tmp_path, text_overrides={"hidden": 32})
     with pytest.raises(ValueError, match="vocab_size"):
         make_tiny(tmp_path, text_overrides={"vocab_size": 10})
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -5"):
+        make_tiny(tmp_path, seed=-5)

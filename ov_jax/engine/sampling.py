@@ -91,5 +91,8 @@ def choose_tokens(logits: jax.Array, mode: SamplingMode, temperature: jax.Array,
     if not mode.do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     key = jax.random.fold_in(jax.random.key(seed), step)
-    filtered = process_logits(logits, mode, temperature, top_p_threshold)
+    # Shifted so each row's top logit is 0 (sampling is shift-invariant): a temperature so small that
+    # logits / temperature overflows then gives 0 and -inf (the argmax) instead of inf - inf = nan.
+    logits = logits.astype(jnp.float32)
+    filtered = process_logits(logits - jnp.max(logits, axis=-1, keepdims=True), mode, temperature, top_p_threshold)
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)

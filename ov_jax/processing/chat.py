@@ -213,3 +213,15 @@ def single_turn(prompt: str, images: Sequence[Any] = (), video: Any = None) -> l
         content.append({"type": "video", "video": video})
     content.append({"type": "text", "text": prompt})
     return [{"role": "user", "content": content}]
+
+
+def render_with_generation_spans(source: str, conversation: Sequence[Mapping], *, origin: str = "(given as a string)",
+                                 **template_kwargs: Any) -> tuple[str, list[tuple[int, int]]]:
+    """Render one normalized conversation (no generation prompt) and return ``(text, spans)``: the ``[start,
+    end)`` character spans of the text the template's ``{% generation %}`` blocks produced, which transformers'
+    ``return_assistant_tokens_mask`` turns into assistant masks. Errors as :func:`render_conversations`."""
+    context = plain_template_data(template_kwargs)
+    check_text(context, "a chat template argument")
+    context = {"messages": plain_template_data(list(conversation)), "add_generation_prompt": False, **context}
+    ((text, spans),) = template_sandbox.render_with_spans(source, [context], origin=origin)
+    return text, spans

@@ -23,6 +23,7 @@ from ov_jax.processing.media import load_image
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PIL_BICUBIC = 3
+PINPOINT_MAX_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS; released grids reach 2304x2304
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,27 @@ class ImageProcessingConfig:
     do_normalize: bool = True
     do_convert_rgb: bool = True
     do_pad: bool = True
+
+    def __post_init__(self):
+        """A ``ValueError`` naming the first value preprocessing cannot run with (a damaged or hostile
+        ``preprocessor_config.json`` would otherwise divide by zero or give NaN pixels)."""
+        if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int) or self.tile_size < 1:
+            raise ValueError(f"the tile size must be a positive integer, got {self.tile_size!r}")
+        for name in ("image_mean", "image_std"):
+            value = np.asarray(getattr(self, name), dtype=np.float64)
+            if value.shape != (3,) or not np.isfinite(value).all() or name == "image_std" and (value == 0).any():
+                raise ValueError(f"{name} must be 3 finite numbers{' (none 0)' if name == 'image_std' else ''}, "
+                                 f"got {getattr(self, name)!r}")
+        if not (np.isfinite(self.rescale_factor) and self.rescale_factor > 0):
+            raise ValueError(f"rescale_factor must be a positive finite number, got {self.rescale_factor!r}")
+        if self.resample not in tuple(Image.Resampling):
+            raise ValueError(f"resample must be a PIL resampling filter (0-5), got {self.resample!r}")
+        if not self.pinpoints or not all(h > 0 and w > 0 for h, w in self.pinpoints):
+            raise ValueError(f"image_grid_pinpoints must be pairs of positive sizes, got {list(self.pinpoints)}")
+        largest = max(h * w for h, w in self.pinpoints)
+        if largest > PINPOINT_MAX_PIXELS:  # every image is resized to a pinpoint: this bounds the tiles' memory
+            raise ValueError(f"image_grid_pinpoints holds a {largest:,}-pixel grid, over the limit of "
+                             f"{PINPOINT_MAX_PIXELS:,} (PIL's decompression-bomb size)")
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "ImageProcessingConfig":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 import io
 import os
 import pathlib
@@ -30,6 +29,8 @@ import urllib.request
 from typing import Any
 
 from PIL import Image, ImageOps
+
+from ov_jax.paths import BROKEN_SYMLINK, NOT_THERE, file_problem
 
 MAX_PIXELS_ENV = "OV_JAX_MAX_IMAGE_PIXELS"
 URL_PREFIXES = ("http://", "https://")
@@ -109,26 +110,12 @@ def resolve_image_source(source: Any, root: str | os.PathLike | None) -> Any:
 
 def local_path_problem(path: str, what: str = "image") -> MediaError | None:
     """Why ``path`` is not a readable regular file (a symlink loop, a broken symlink, a directory, a device...),
-    or None when it is one or does not exist at all; ``what`` ("image", "video") starts the message."""
-    shown = describe_source(path)
-    try:
-        os.stat(path)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            return MediaError(f"{what} {shown} is a symlink loop")
-        if os.path.islink(path):
-            return MediaNotFoundError(f"{what} {shown} is a broken symlink (its target {os.readlink(path)!r} "
-                                      "does not exist)")
-        if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
-            return None
-        return MediaError(f"{what} {shown} cannot be accessed: {err.strerror}")
-    if os.path.isdir(path):
-        return MediaError(f"{what} {shown} is a directory, not a file")
-    if not os.path.isfile(path):
-        return MediaError(f"{what} {shown} is not a regular file")
-    if not os.access(path, os.R_OK):
-        return MediaError(f"{what} {shown} is not readable (permission denied)")
-    return None
+    or None when it is one or is simply not there; ``what`` ("image", "video") starts the message."""
+    problem = file_problem(path)
+    if problem is None or problem in NOT_THERE:
+        return None
+    error = MediaNotFoundError if problem.startswith(BROKEN_SYMLINK) else MediaError
+    return error(f"{what} {describe_source(path)} {problem}")
 
 
 def check_local_file(path: str | os.PathLike, what: str = "image") -> str:
@@ -207,6 +194,10 @@ def load_image(source: Any, *, timeout_s: float | None = 60.0, max_pixels: int |
         data = text
     elif text.startswith(DATA_URI_PREFIX):
         data = _decode_base64(text, "is not a valid base64 data URI")
+    elif text.startswith("data:") and not os.path.lexists(text):
+        media_type = text[len("data:"):].split(",", 1)[0].split(";", 1)[0] or "none"
+        raise MediaError(f"image {shown} is a data URI of type {media_type!r}, not an image "
+                         f"({DATA_URI_PREFIX}...)")
     else:
         problem = local_path_problem(text)
         if problem is not None:

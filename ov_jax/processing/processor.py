@@ -75,6 +75,8 @@ class LlavaOnevisionProcessor:
         image_token: str = "<image>",
         video_token: str = "<video>",
     ):
+        if isinstance(num_image_tokens, bool) or not isinstance(num_image_tokens, int) or num_image_tokens < 1:
+            raise ValueError(f"num_image_tokens must be a positive integer, got {num_image_tokens!r}")
         side = math.isqrt(num_image_tokens)
         if side * side != num_image_tokens:
             raise ValueError(f"num_image_tokens must be a square number of patches, got {num_image_tokens}")
@@ -87,7 +89,10 @@ class LlavaOnevisionProcessor:
         self.patches_per_side = side
         self.vision_aspect_ratio = vision_aspect_ratio
         # transformers parses "anyres_max_9" with str.strip (a character set), reproduced here.
-        self.max_tiles_cap = int(vision_aspect_ratio.strip("anyres_max_"))
+        cap = vision_aspect_ratio.strip("anyres_max_") if isinstance(vision_aspect_ratio, str) else ""
+        if not cap.isdigit() or int(cap) < 1:
+            raise ValueError(f"vision_aspect_ratio must be 'anyres_max_N' with N >= 1, got {vision_aspect_ratio!r}")
+        self.max_tiles_cap = int(cap)
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.image_token, self.video_token = image_token, video_token
         self.image_token_id = tokenizer.token_to_id(image_token)
@@ -113,18 +118,21 @@ class LlavaOnevisionProcessor:
                 f"{directory}/{files.PROCESSOR_FILE} has no num_image_tokens; the reference processor needs it "
                 "to count image tokens (729 for SigLIP at 384x384 with patch 14)"
             )
-        return cls(
-            tokenizer,
-            ImageProcessingConfig.from_dict(found.image_processor),
-            VideoProcessingConfig.from_dict(found.video_processor),
-            chat_template=found.chat_template,
-            chat_template_files=found.chat_template_files,
-            num_image_tokens=int(num_image_tokens),
-            vision_aspect_ratio=found.processor.get("vision_aspect_ratio") or "anyres_max_9",
-            vision_feature_select_strategy=found.processor.get("vision_feature_select_strategy"),
-            image_token=image_token,
-            video_token=video_token,
-        )
+        try:
+            return cls(
+                tokenizer,
+                ImageProcessingConfig.from_dict(found.image_processor),
+                VideoProcessingConfig.from_dict(found.video_processor),
+                chat_template=found.chat_template,
+                chat_template_files=found.chat_template_files,
+                num_image_tokens=num_image_tokens,
+                vision_aspect_ratio=found.processor.get("vision_aspect_ratio") or "anyres_max_9",
+                vision_feature_select_strategy=found.processor.get("vision_feature_select_strategy"),
+                image_token=image_token,
+                video_token=video_token,
+            )
+        except (ValueError, TypeError) as err:  # values of the files (int("x"), a list where a number goes...)
+            raise ValueError(f"the processor configuration of {directory} cannot be used: {err}") from None
 
     # ---------------------------------------------------------------------------------- token counting
 

@@ -4,9 +4,10 @@ A chat template is code from the checkpoint. jinja2's sandbox stops it from reac
 from running forever (``{% for i in range(100000) %}{% for j in range(100000) %}...``), from building huge
 strings, or from computing ``10 ** 10 ** 9`` in one native call that no in-process check can interrupt. So
 templates are compiled in the environment transformers uses (jinja2's immutable sandbox, ``trim_blocks`` /
-``lstrip_blocks``, loop controls, ``tojson`` / ``raise_exception`` / ``strftime_now``, a no-op
-``{% generation %}`` tag) and rendered in a worker process (a ``subprocess`` running this file on its own: it
-imports only the standard library and jinja2) with these bounds:
+``lstrip_blocks``, loop controls, ``tojson`` / ``raise_exception`` / ``strftime_now``, a ``{% generation %}``
+tag that renders its body unchanged and can report its spans) and rendered in a worker process (a
+``subprocess`` running this file on its own: it imports only the standard library and jinja2) with these
+bounds:
 
 - time: :data:`RENDER_TIMEOUT_S` seconds of wall clock per :func:`render` call; past it the worker is killed;
 - output: :data:`MAX_RENDERED_CHARS` characters per rendered conversation (checked while rendering);
@@ -21,6 +22,7 @@ is started on first use, reused while it behaves, and restarted in a forked chil
 from __future__ import annotations
 
 import atexit
+import contextvars
 import datetime
 import functools
 import json
@@ -49,15 +51,30 @@ class ChatTemplateError(ValueError):
     """A chat template that does not parse, is refused by the sandbox, raises, or exceeds a bound."""
 
 
+# While a span-tracking render runs: (pieces rendered so far, generation spans found so far).
+_GENERATION_TRACKER: contextvars.ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = contextvars.ContextVar(
+    "generation_tracker", default=None)
+
+
 class GenerationTag(jinja2.ext.Extension):
-    """``{% generation %}...{% endgeneration %}`` renders its body unchanged."""
+    """``{% generation %}...{% endgeneration %}`` renders its body unchanged; in :func:`render_with_spans` it also
+    records the body's ``[start, end)`` character span (as transformers' ``AssistantTracker``)."""
 
     tags = {"generation"}
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body, lineno=lineno)
+        return jinja2.nodes.CallBlock(self.call_method("_track"), [], [], body).set_lineno(lineno)
+
+    def _track(self, caller) -> str:
+        text = caller()
+        tracker = _GENERATION_TRACKER.get()
+        if tracker is not None:
+            pieces, spans = tracker
+            start = sum(len(piece) for piece in pieces)
+            spans.append((start, start + len(text)))
+        return text
 
 
 def _raise_exception(message: str):
@@ -101,14 +118,25 @@ def _compile(source: str) -> jinja2.Template:
     return environment().from_string(_parse(source))
 
 
-def _render_one(source: str, context: dict, max_chars: int) -> str:
+def _render_one(source: str, context: dict, max_chars: int, spans: list | None = None) -> str:
+    """The rendered text; ``spans``, when given, receives the ``{% generation %}`` spans."""
     pieces, length = [], 0
-    for piece in _compile(source).generate(**context):
-        length += len(piece)
-        if length > max_chars:
-            raise ChatTemplateError(f"renders more than {max_chars:,} characters")
-        pieces.append(piece)
+    token = None if spans is None else _GENERATION_TRACKER.set((pieces, spans))
+    try:
+        for piece in _compile(source).generate(**context):
+            length += len(piece)
+            if length > max_chars:
+                raise ChatTemplateError(f"renders more than {max_chars:,} characters")
+            pieces.append(piece)
+    finally:
+        if token is not None:
+            _GENERATION_TRACKER.reset(token)
     return "".join(pieces)
+
+
+def _render_with_spans(source: str, context: dict, max_chars: int) -> tuple[str, list[tuple[int, int]]]:
+    spans: list[tuple[int, int]] = []
+    return _render_one(source, context, max_chars, spans), spans
 
 
 # ------------------------------------------------------------------------------------------ the worker side
@@ -135,7 +163,8 @@ def _serve() -> None:
                 reply: tuple = ("ok", _variables(source))
             else:
                 contexts, max_chars = rest
-                reply = ("ok", [_render_one(source, context, max_chars) for context in contexts])
+                render_one = _render_with_spans if kind == "render_spans" else _render_one
+                reply = ("ok", [render_one(source, context, max_chars) for context in contexts])
         except ChatTemplateError as err:
             reply = ("error", str(err))
         except MemoryError:
@@ -229,7 +258,7 @@ def _ask(request: tuple, origin: str, timeout_s: float) -> Any:
             worker.kill()
             _worker = None
             raise ChatTemplateError(f"chat template {origin} took longer than {timeout_s:g} s to "
-                                    f"{'render' if request[0] == 'render' else 'compile'} (stopped)") from None
+                                    f"{'compile' if request[0] == 'variables' else 'render'} (stopped)") from None
         except (EOFError, OSError) as err:
             worker.kill()
             _worker = None
@@ -266,6 +295,16 @@ def render(source: str, contexts: Sequence[dict], *, origin: str, timeout_s: flo
     timeout_s = RENDER_TIMEOUT_S if timeout_s is None else timeout_s
     max_chars = MAX_RENDERED_CHARS if max_chars is None else max_chars
     return _ask(("render", source, list(contexts), max_chars), origin, timeout_s)
+
+
+def render_with_spans(source: str, contexts: Sequence[dict], *, origin: str, timeout_s: float | None = None,
+                      max_chars: int | None = None) -> list[tuple[str, list[tuple[int, int]]]]:
+    """Like :func:`render`, with each text's ``[start, end)`` character spans that ``{% generation %}`` blocks
+    produced (what transformers turns into ``assistant_masks``)."""
+    timeout_s = RENDER_TIMEOUT_S if timeout_s is None else timeout_s
+    max_chars = MAX_RENDERED_CHARS if max_chars is None else max_chars
+    return [(text, [tuple(span) for span in spans]) for text, spans in
+            _ask(("render_spans", source, list(contexts), max_chars), origin, timeout_s)]
 
 
 atexit.register(shutdown_worker)

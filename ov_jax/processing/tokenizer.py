@@ -7,7 +7,6 @@ no BOS, special tokens never split, padding done here (left by default for the p
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -15,6 +14,7 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, processors
 
 from ov_jax.hub import checkpoint_file
+from ov_jax.processing.files import TOKENIZER_CONFIG_FILE, read_json, read_text
 
 # transformers' SPECIAL_TOKENS_ATTRIBUTES: the named tokens exposed to chat templates.
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -27,6 +27,10 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, Mapping) and "content" in value:
         return value["content"]
     raise ValueError(f"cannot read a special token from {value!r}")
+
+
+class UnknownTokenError(ValueError):
+    """A token (e.g. a configured image token) that the tokenizer's vocabulary does not hold."""
 
 
 class TextTokenizer:
@@ -53,7 +57,10 @@ class TextTokenizer:
 
     @classmethod
     def from_directory(cls, directory: str | pathlib.Path, config: Mapping[str, Any] | None = None) -> "TextTokenizer":
-        """Load ``tokenizer.json`` and (unless ``config`` is given) ``tokenizer_config.json`` from a directory."""
+        """Load ``tokenizer.json`` and (unless ``config`` is given) ``tokenizer_config.json`` from a directory.
+
+        A file that is not UTF-8, not JSON or not a tokenizer, or a config entry that cannot be read, is a
+        ``ValueError`` naming the file."""
         directory = pathlib.Path(directory)
         tokenizer_file = checkpoint_file(directory, "tokenizer.json")
         if not tokenizer_file.is_file():
@@ -62,15 +69,28 @@ class TextTokenizer:
                 "(re-save the tokenizer with a recent transformers to create it)"
             )
         if config is None:
-            config_file = checkpoint_file(directory, "tokenizer_config.json")
-            config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        return cls(Tokenizer.from_file(str(tokenizer_file)), config)
+            config = read_json(directory, TOKENIZER_CONFIG_FILE) or {}
+        text = read_text(tokenizer_file)
+        try:
+            backend = Tokenizer.from_str(text)
+        except Exception as err:  # the tokenizers library raises a bare Exception for unreadable files
+            raise ValueError(f"{tokenizer_file} is not a tokenizer file the tokenizers library can read: "
+                             f"{err}") from None
+        try:
+            return cls(backend, config)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{directory / TOKENIZER_CONFIG_FILE}: {err}") from None
 
     def _ensure_added_tokens(self, config: Mapping[str, Any]) -> None:
         """Register special tokens named in the config that tokenizer.json lacks (as transformers does)."""
         wanted: list[AddedToken] = []
-        for entry in (config.get("added_tokens_decoder") or {}).values():
-            if isinstance(entry, Mapping) and self.backend.token_to_id(entry["content"]) is None:
+        decoder = config.get("added_tokens_decoder") or {}
+        if not isinstance(decoder, Mapping):
+            raise ValueError(f"added_tokens_decoder must be an object, got "
+                             f"{type(decoder).__name__}")
+        for entry in decoder.values():
+            if (isinstance(entry, Mapping) and isinstance(entry.get("content"), str)
+                    and self.backend.token_to_id(entry["content"]) is None):
                 wanted.append(AddedToken(entry["content"], special=entry.get("special", True),
                                          lstrip=entry.get("lstrip", False), rstrip=entry.get("rstrip", False),
                                          normalized=entry.get("normalized", False),
@@ -97,9 +117,9 @@ class TextTokenizer:
     # ------------------------------------------------------------------------------------------- lookups
 
     def token_to_id(self, token: str) -> int:
-        token_id = self.backend.token_to_id(token)
+        token_id = self.backend.token_to_id(token) if isinstance(token, str) else None
         if token_id is None:
-            raise KeyError(f"token {token!r} is not in the tokenizer's vocabulary")
+            raise UnknownTokenError(f"token {token!r} is not in the tokenizer's vocabulary")
         return token_id
 
     def id_of(self, name: str) -> int | None:

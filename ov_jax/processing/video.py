@@ -303,7 +303,7 @@ def _load_with_decord(path: str, num_frames, fps, timeout_s) -> tuple[np.ndarray
         try:
             if total_frames <= 0:
                 raise DecordUnusable("decord found no frames")
-            indices = sample_frame_indices(total_frames, num_frames=num_frames, fps=fps, video_fps=video_fps)
+            indices = _file_frame_indices(path, total_frames, num_frames=num_frames, fps=fps, video_fps=video_fps)
         except (DecordUnusable, ValueError):
             worker.send(None)  # tell the worker not to read
             raise
@@ -322,6 +322,15 @@ def _load_with_decord(path: str, num_frames, fps, timeout_s) -> tuple[np.ndarray
         raise
     _return_worker(worker)
     return frames, _file_metadata(frames, total_frames, video_fps, indices, "decord")
+
+
+def _file_frame_indices(path: str, total_frames: int, **sampling) -> np.ndarray:
+    """:func:`sample_frame_indices` for a file: its ``ValueError`` (e.g. more frames asked than the file holds)
+    names the video."""
+    try:
+        return sample_frame_indices(total_frames, **sampling)
+    except ValueError as error:
+        raise ValueError(f"video {path!r}: {error}") from None
 
 
 def _file_metadata(frames, total_frames, video_fps, indices, backend) -> VideoMetadata:
@@ -406,14 +415,14 @@ def _load_with_pyav(path: str, num_frames, fps) -> tuple[np.ndarray, VideoMetada
         total_frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
     if total_frames <= 0:
         raise ValueError(f"{path!r} has no video frames")
-    indices = sample_frame_indices(total_frames, num_frames=num_frames, fps=fps, video_fps=video_fps)
+    indices = _file_frame_indices(path, total_frames, num_frames=num_frames, fps=fps, video_fps=video_fps)
     frames, decoded = _decode_selected_with_pyav(path, indices)
     if len(frames) < len(indices):
         if decoded == 0:
             raise ValueError(f"{path!r} has no decodable video frames")
         logger.warning("%s announces %d frames but %d decode; sampling from those", path, total_frames, decoded)
         total_frames = decoded
-        indices = sample_frame_indices(total_frames, num_frames=num_frames, fps=fps, video_fps=video_fps)
+        indices = _file_frame_indices(path, total_frames, num_frames=num_frames, fps=fps, video_fps=video_fps)
         frames, _ = _decode_selected_with_pyav(path, indices)
     frames = np.stack(frames)
     return frames, _file_metadata(frames, total_frames, video_fps, indices, "pyav")

@@ -1,0 +1,58 @@
+"""The optimizer: AdamW with linear warm-up + cosine decay and global-norm clipping, transformers' defaults.
+
+Defaults follow transformers' ``TrainingArguments``: betas 0.9 / 0.999, eps 1e-8, weight decay 0.0,
+``max_grad_norm`` 1.0; like its ``Trainer``, biases and norm weights (``*.bias``, ``*.scale``) are never decayed.
+The schedule is ``get_cosine_schedule_with_warmup``'s: 0 → ``learning_rate`` linearly over ``warmup_steps``,
+then a half cosine to 0 at ``total_steps`` (constant after warm-up when ``total_steps`` is None).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+NO_DECAY_LEAVES = ("bias", "scale")
+
+
+class OptimizerError(ValueError):
+    """An optimizer hyper-parameter out of range (named in the message)."""
+
+
+def lr_schedule(learning_rate: float, warmup_steps: int = 0, total_steps: int | None = None) -> optax.Schedule:
+    """Learning rate at optimizer step ``count`` (0-based): linear warm-up, then cosine decay to 0."""
+    if not learning_rate > 0:
+        raise OptimizerError(f"learning_rate must be > 0, got {learning_rate}")
+    if warmup_steps < 0:
+        raise OptimizerError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if total_steps is None:
+        if warmup_steps == 0:
+            return optax.constant_schedule(learning_rate)
+        return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps),
+                                     optax.constant_schedule(learning_rate)], [warmup_steps])
+    if total_steps < max(warmup_steps, 1):
+        raise OptimizerError(f"total_steps ({total_steps}) must be >= warmup_steps ({warmup_steps}) and >= 1")
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total_steps, end_value=0.0)
+
+
+def decay_mask(params: Any) -> Any:
+    """True for the leaves weight decay applies to: every weight but biases and norm scales."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) not in NO_DECAY_LEAVES, params)
+
+
+def optimizer(learning_rate: float = 5e-5, *, warmup_steps: int = 0, total_steps: int | None = None,
+              b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+              max_grad_norm: float | None = 1.0) -> optax.GradientTransformation:
+    """``clip_by_global_norm(max_grad_norm)`` → AdamW (decoupled decay, masked by :func:`decay_mask`) with
+    :func:`lr_schedule`. Equal step for step to ``torch.optim.AdamW`` after ``clip_grad_norm_``."""
+    if weight_decay < 0:
+        raise OptimizerError(f"weight_decay must be >= 0, got {weight_decay}")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise OptimizerError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+    schedule = lr_schedule(learning_rate, warmup_steps, total_steps)
+    adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    if max_grad_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
