@@ -106,10 +106,11 @@ def evict(state: DecodeState, slot: jax.Array) -> DecodeState:
     return state._replace(done=state.done.at[slot].set(True), key_valid=state.key_valid.at[slot].set(False))
 
 
-def decode_step(params: dict, layers: list[dict] | None, cache: Any, state: DecodeState, config: OneVisionConfig,
-                dtype) -> tuple[Any, DecodeState]:
-    """Feed ``state.tokens`` (one per row) at each row's write slot and emit the next tokens. Done rows write
-    into their (invalid) next slot and do not advance."""
+def decode_logits(params: dict, layers: list[dict] | None, cache: Any, state: DecodeState, config: OneVisionConfig,
+                  dtype, attention: str = "xla") -> tuple[Any, jax.Array, DecodeState]:
+    """Feed ``state.tokens`` (one per row) at each row's write slot: the cache, float32 logits ``[B, V]`` of the
+    next token, and the state advanced by one slot for live rows (its ``tokens`` not yet chosen). Done rows
+    write into their (invalid) next slot and do not advance."""
     text = params["text"]
     live = ~state.done
     w = state.write_index
@@ -117,22 +118,30 @@ def decode_step(params: dict, layers: list[dict] | None, cache: Any, state: Deco
     key_valid = state.key_valid.at[jnp.arange(b), w].max(live, mode="drop")
     x = qwen2.embed_tokens(text, state.tokens[:, None], dtype)
     if layers is None:
-        hidden, cache = qwen2.decoder(text, x, state.positions[:, None], key_valid, config.text, cache, w)
+        hidden, cache = qwen2.decoder(text, x, state.positions[:, None], key_valid, config.text, cache, w, attention)
         logits = qwen2.lm_logits(text, hidden)[:, 0]
     else:
         cos, sin = rope_tables(state.positions[:, None], config.text.head_dim, config.text.rope_theta, dtype)
-        hidden, cache = _decode_unrolled(layers, cache, x[:, 0].T, cos, sin, key_valid, w, config.text)
+        hidden, cache = _decode_unrolled(layers, cache, x[:, 0].T, cos, sin, key_valid, w, config.text, attention)
         hidden = rms_norm(hidden, text["norm"], config.text.rms_norm_eps, axis=0)
         # the barrier keeps the [V, B] product in its fast form; the transpose after it is a small copy
         logits = jax.lax.optimization_barrier(matmul(text["lm_head_t"], hidden, jnp.float32)).T
     advance = live.astype(jnp.int32)
     state = state._replace(key_valid=key_valid, positions=state.positions + advance,
                            write_index=jnp.minimum(w + advance, key_valid.shape[1] - 1), step=state.step + advance)
+    return cache, logits, state
+
+
+def decode_step(params: dict, layers: list[dict] | None, cache: Any, state: DecodeState, config: OneVisionConfig,
+                dtype, attention: str = "xla") -> tuple[Any, DecodeState]:
+    """:func:`decode_logits`, then each row's next token (:func:`_emit`)."""
+    cache, logits, state = decode_logits(params, layers, cache, state, config, dtype, attention)
     return cache, _emit(state, logits)
 
 
 def decode_chunk(params: dict, layers: list[dict] | None, cache: Any, state: DecodeState, steps: int,
-                 config: OneVisionConfig, dtype) -> tuple[Any, DecodeState, jax.Array, jax.Array]:
+                 config: OneVisionConfig, dtype, attention: str = "xla"
+                 ) -> tuple[Any, DecodeState, jax.Array, jax.Array]:
     """Up to ``steps`` decode steps on device (``lax.while_loop``; stops early once every row is done).
 
     Returns the cache, the state, the tokens ``[B, steps]`` int32 and ``emitted [B, steps]`` bool (which of
@@ -149,7 +158,7 @@ def decode_chunk(params: dict, layers: list[dict] | None, cache: Any, state: Dec
     def body(carry):
         i, cache, st, tokens, emitted = carry
         live = ~st.done
-        cache, st = decode_step(params, layers, cache, st, config, dtype)
+        cache, st = decode_step(params, layers, cache, st, config, dtype, attention)
         tokens = jax.lax.dynamic_update_slice(tokens, st.tokens[:, None], (0, i))
         emitted = jax.lax.dynamic_update_slice(emitted, live[:, None], (0, i))
         return i + 1, cache, st, tokens, emitted
