@@ -253,9 +253,8 @@ class Engine:
     def empty_batch(self, s: int) -> tuple[Any, DecodeState]:
         """A free decode batch (cache and state) of ``slots`` rows and ``s`` cache slots, as host arrays: the
         first executable that takes them places them (no compilation)."""
-        cache = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), self._cache_spec(s))
-        state = slots.empty_state(self.slots, s)
-        return cache, state
+        return (slots.empty_cache(self.config, self.slots, s, self.dtype, self.layout),
+                slots.empty_state(self.slots, s))
 
     # --- the steps a scheduler drives --------------------------------------------------------------------
 

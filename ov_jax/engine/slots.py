@@ -59,6 +59,16 @@ def empty_state(batch: int, cache_length: int) -> DecodeState:
                        settings)
 
 
+def empty_cache(config: OneVisionConfig, batch: int, cache_length: int, dtype, layout: str) -> qwen2.KVCache:
+    """A zero KV cache of ``layout`` (see `ov_jax.engine.steps`), as host arrays."""
+    tc = config.text
+    if layout == "scanned":
+        shape = (tc.num_hidden_layers, batch, cache_length, tc.num_key_value_heads, tc.head_dim)
+        return qwen2.KVCache(np.zeros(shape, dtype), np.zeros(shape, dtype))
+    shape = (batch, tc.num_key_value_heads, cache_length, tc.head_dim)
+    return qwen2.KVCache(*(tuple(np.zeros(shape, dtype) for _ in range(tc.num_hidden_layers)) for _ in range(2)))
+
+
 def _emit(state: DecodeState, logits: jax.Array) -> DecodeState:
     """Choose this step's tokens; done rows emit pad; a stop token or the row's length limit finishes it."""
     st = state.settings
