@@ -90,6 +90,12 @@ class RunConfig:
         if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
                 and self.learning_rate > 0):
             raise RunError(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
+        from ov_jax.train.optim import OptimizerError, check_decay_and_clipping
+
+        try:
+            check_decay_and_clipping(self.weight_decay, self.max_grad_norm)
+        except OptimizerError as err:
+            raise RunError(str(err)) from None
         if self.lora_rank is not None:
             from ov_jax.params import LoraSpec
 
@@ -155,7 +161,8 @@ def open_run(directory: str | os.PathLike, config: RunConfig | None, *, resume: 
     if config is None:
         raise RunError("a new run needs its settings")
     if create:
-        path = outputs.prepare_output_dir(path, kind=RUN_KIND, overwrite=overwrite, sources=_sources(config))
+        path = outputs.prepare_output_dir(path, kind=RUN_KIND, overwrite=overwrite, sources=_sources(config),
+                                          entries=(RUN_FILE, METRICS_FILE, CHECKPOINTS))
         (path / RUN_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     else:
         path = outputs.check_output_dir(path, kind=RUN_KIND, overwrite=overwrite, sources=_sources(config))
