@@ -129,6 +129,27 @@ def test_bad_export_arguments_are_one_error_line(folder, env):
     assert not (folder / "out").exists()
 
 
+def test_export_again_needs_the_overwrite_flag_it_names(tiny_ckpt, folder, env, tmp_path):
+    """A second export into the same folder is refused with the flag to pass, and that flag exists."""
+    from ov_jax.model import LlavaOnevision
+    from ov_jax.train import make_train_step, optimizer, runs
+
+    config = runs.RunConfig(model=str(tiny_ckpt), data=str(folder / "train.jsonl"), steps=2)
+    directory, _ = runs.open_run(tmp_path / "run", config)
+    model = LlavaOnevision.from_pretrained(tiny_ckpt)
+    state = make_train_step(model.config, optimizer(1e-3), log=None).init(model.params)
+    manager = runs.checkpoint_manager(directory, config)
+    runs._save(manager, state, {})
+    manager.close()
+    assert ov_jax("export", directory, "out", cwd=tmp_path, env=env).returncode == 0
+    again = ov_jax("export", directory, "out", cwd=tmp_path, env=env)
+    assert again.returncode == 2 and "(--overwrite)" in again.stderr, again.stderr
+    replaced = ov_jax("export", directory, "out", "--overwrite", cwd=tmp_path, env=env)
+    assert replaced.returncode == 0, replaced.stderr
+    assert load_file(tmp_path / "out" / "model.safetensors").keys() == load_file(
+        tiny_ckpt / "model.safetensors").keys()
+
+
 @pytest.mark.parametrize("args, message", [
     (["finetune", "--steps", "abc", "--output", "r"], "argument --steps: invalid int value"),
     (["finetune", "--data", "train.jsonl"], "required: --output"),

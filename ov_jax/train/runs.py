@@ -372,10 +372,10 @@ def latest_params(directory: str | os.PathLike) -> tuple[int, dict]:
     return step, params
 
 
-def export(run: str | os.PathLike, out: str | os.PathLike) -> pathlib.Path:
+def export(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
     """Write the run's latest params as a transformers checkpoint (`ov_jax.export.save_pretrained`, with the
     base model's tokenizer, processor and chat template files), LoRA adapters merged into their kernels.
-    Returns the output directory."""
+    ``overwrite``: replace an earlier export in ``out``. Returns the output directory."""
     from ov_jax import export as exporting
     from ov_jax.config import load_config
     from ov_jax.hub import resolve_checkpoint
@@ -388,4 +388,4 @@ def export(run: str | os.PathLike, out: str | os.PathLike) -> pathlib.Path:
     model_config = load_config(source) if _is_converted(source) else checkpoint_config(source)
     from ov_jax.nn.lora import merge_lora
 
-    return exporting.save_pretrained(model_config, merge_lora(params), out, source=source)
+    return exporting.save_pretrained(model_config, merge_lora(params), out, source=source, overwrite=overwrite)
