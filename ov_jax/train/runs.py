@@ -31,7 +31,8 @@ CHECKPOINTS = "checkpoints"
 # Batch fields the train step reads (the data pipeline also yields counters for the metrics).
 STEP_FIELDS = ("input_ids", "attention_mask", "position_ids", "labels", "tower_inputs", "tap_index", "tap_weight",
                "is_media")
-# Settings a resumed run may change: they do not alter the sequence of losses.
+# Settings a resumed run may change. save_every and keep do not alter the losses; a new ``steps`` does from the
+# resumed step on, since the cosine decay is recomputed to end at the new total.
 RESUMABLE = ("steps", "save_every", "keep")
 
 
@@ -246,7 +247,8 @@ def finetune(output: str | os.PathLike, config: RunConfig | None = None, *, resu
     """Fine-tune ``config.model`` on ``config.data`` into the run directory ``output``.
 
     ``resume``: continue the run in ``output`` from its latest checkpoint (params, optimizer state, step, RNG
-    and data position restored, so the losses equal an uninterrupted run's). ``until``: stop after this step
+    and data position restored, so the losses equal an uninterrupted run's; a changed ``config.steps``
+    re-spans the cosine decay to the new total, so from there the learning rates and losses differ). ``until``: stop after this step
     (saving a checkpoint there) so that a later ``resume`` continues; the schedule still spans
     ``config.steps``. ``progress``: a tqdm bar; ``log``: where the data report and the trainable-parameter
     table go. Every setting is checked before the run directory is created. Raises :class:`RunError`,
