@@ -6,7 +6,7 @@
     ov-jax compare --model M [--image P ...] [--video P] [--prompt TEXT] [--dtype D] [--tolerance X]
     ov-jax batch --model M --input requests.jsonl --output answers.jsonl [--mesh ...]
     ov-jax finetune --model M --data train.jsonl --output RUN [--lora-rank R] [--steps N ...] [--resume]
-    ov-jax export RUN OUT
+    ov-jax export RUN OUT [--overwrite]
     ov-jax bench [-- benchmark options ...]
 
 Every bad input, a bad flag included, ends in one line ``error: ...`` on stderr and exit status 2 (set
@@ -337,7 +337,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from ov_jax.train.runs import export
 
-    out = export(args.run, args.out)
+    out = export(args.run, args.out, overwrite=args.overwrite)
     print(f"wrote a transformers checkpoint to {out}", flush=True)
     return EXIT_OK
 
@@ -506,6 +506,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                              "processor files included).")
     export.add_argument("run", metavar="RUN", help="run directory written by ov-jax finetune")
     export.add_argument("out", metavar="OUT", help="output directory (new or empty)")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
 
     bench = commands.add_parser("bench", help="run the engine benchmarks (source checkout only)",
                                 description="Run a script from the repository's benchmarks/ folder with this Python; "

@@ -168,17 +168,18 @@ def atomic_output_dir(dst: str | os.PathLike, *, kind: str, overwrite: bool = Fa
 
 
 def prepare_output_dir(dst: str | os.PathLike, *, kind: str, overwrite: bool = False,
-                       sources: Iterable[str | os.PathLike] = ()) -> Path:
+                       sources: Iterable[str | os.PathLike] = (), entries: Iterable[str] | None = None) -> Path:
     """Check ``dst`` (:func:`check_output_dir`), replace an earlier output of ``kind`` when ``overwrite``,
     create the directory with its marker and return its resolved path. For outputs written over time;
-    complete outputs use :func:`atomic_output_dir`."""
+    complete outputs use :func:`atomic_output_dir`. ``entries``: the names the output will hold, recorded in
+    the marker so that a later ``overwrite`` refuses to delete anything else put there meanwhile."""
     dst = check_output_dir(dst, kind=kind, overwrite=overwrite, sources=sources)
     _make_parent(dst)
     if os.path.lexists(dst) and any(dst.iterdir()):
         _rmtree_dir(dst)
     try:
         dst.mkdir(exist_ok=True)
-        _write_marker(dst, kind, None)
+        _write_marker(dst, kind, None if entries is None else sorted(entries))
     except OSError as err:
         raise OutputPathError(f"cannot create {dst}: {err.strerror or err}") from None
     return dst

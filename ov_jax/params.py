@@ -193,7 +193,8 @@ def lora_targets(specs: dict[str, Any], lora: LoraSpec) -> list[str]:
     paths = weight_paths(specs)
     chosen = [p for p in paths if re.fullmatch(lora.targets, p)]
     if not chosen:
-        raise ValueError(f"LoRA targets {lora.targets!r} match no weight; weights are: {', '.join(sorted(paths))}")
+        raise ValueError(f"LoRA targets {lora.targets!r} match no weight (a regex must match a whole weight path); "
+                         f"weights are: {', '.join(sorted(paths))}")
     return chosen
 
 

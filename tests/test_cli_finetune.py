@@ -96,6 +96,9 @@ def test_lora_finetune_then_export_loads_in_transformers(tiny_ckpt, folder, env)
     (["--model", "{tiny}", "--data", "train.jsonl", "--output", "r", "--steps", "0"], "steps must be an integer"),
     (["--model", "{tiny}", "--data", "train.jsonl", "--output", "r", "--learning-rate", "nan"], "learning_rate"),
     (["--model", "{tiny}", "--data", "train.jsonl", "--output", "r", "--warmup", "200"], "warmup"),
+    (["--model", "{tiny}", "--data", "train.jsonl", "--output", "r", "--weight-decay", "nan"],
+     "weight_decay must be a finite number >= 0, got nan"),
+    (["--model", "{tiny}", "--data", "train.jsonl", "--output", "r", "--weight-decay", "-1"], "weight_decay"),
     (["--model", "{tiny}", "--data", "missing.jsonl", "--output", "r"], "does not exist"),
     (["--model", "{tiny}", "--data", "bad.jsonl", "--output", "r"], "bad.jsonl:2: not valid JSON"),
     (["--model", "{tiny}", "--data", "train.jsonl", "--output", "r", "--max-length", "10"], "no sample"),
@@ -124,6 +127,27 @@ def test_bad_export_arguments_are_one_error_line(folder, env):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "not a fine-tuning run directory" in lines[0]
     assert not (folder / "out").exists()
+
+
+def test_export_again_needs_the_overwrite_flag_it_names(tiny_ckpt, folder, env, tmp_path):
+    """A second export into the same folder is refused with the flag to pass, and that flag exists."""
+    from ov_jax.model import LlavaOnevision
+    from ov_jax.train import make_train_step, optimizer, runs
+
+    config = runs.RunConfig(model=str(tiny_ckpt), data=str(folder / "train.jsonl"), steps=2)
+    directory, _ = runs.open_run(tmp_path / "run", config)
+    model = LlavaOnevision.from_pretrained(tiny_ckpt)
+    state = make_train_step(model.config, optimizer(1e-3), log=None).init(model.params)
+    manager = runs.checkpoint_manager(directory, config)
+    runs._save(manager, state, {})
+    manager.close()
+    assert ov_jax("export", directory, "out", cwd=tmp_path, env=env).returncode == 0
+    again = ov_jax("export", directory, "out", cwd=tmp_path, env=env)
+    assert again.returncode == 2 and "(--overwrite)" in again.stderr, again.stderr
+    replaced = ov_jax("export", directory, "out", "--overwrite", cwd=tmp_path, env=env)
+    assert replaced.returncode == 0, replaced.stderr
+    assert load_file(tmp_path / "out" / "model.safetensors").keys() == load_file(
+        tiny_ckpt / "model.safetensors").keys()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -63,6 +63,8 @@ def test_vision_tower_targets_and_errors(model):
     assert "lora_a" not in params["text"]["layers"]["q"] and "lora_a" not in params["projector"]["linear_1"]
     with pytest.raises(ValueError, match="match no weight"):
         lora.add_lora(model.params, model.config, rank=2, alpha=2, targets=r"text\.nothing")
+    with pytest.raises(ValueError, match=r"LoRA targets '\.' match no weight \(a regex must match a whole weight path"):
+        lora.add_lora(model.params, model.config, rank=2, alpha=2, targets=".")  # as the user typed it
     with pytest.raises(ValueError, match="empty"):
         lora.add_lora(model.params, model.config, rank=2, alpha=2, targets="")
     with pytest.raises(ValueError, match="lora_dropout needs LoRA"):

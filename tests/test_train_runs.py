@@ -2,6 +2,7 @@
 metrics file, and the run directory's safety rules."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -105,6 +106,29 @@ def test_run_directory_rules(tiny_ckpt, train_file, straight, tmp_path):
                       progress=False, log=None)
     done = runs.finetune(straight.directory, resume=True, progress=False, log=None)
     assert done.metrics == [] and len(runs.read_metrics(straight.directory)) == 6
+
+
+def test_overwrite_replaces_only_the_run(tiny_ckpt, train_file, tmp_path):
+    """A run directory's --overwrite deletes the run's own files, not an export or notes put inside it."""
+    config = settings(tiny_ckpt, train_file)
+    directory, _ = runs.open_run(tmp_path / "run", config)
+    (directory / runs.CHECKPOINTS).mkdir()
+    (directory / "export").mkdir()
+    (directory / "export" / "model.safetensors").write_text("weights")
+    with pytest.raises(outputs.OutputPathError, match="besides an earlier finetune output it holds export"):
+        runs.open_run(directory, config, overwrite=True)
+    assert (directory / "export" / "model.safetensors").read_text() == "weights"
+    shutil.rmtree(directory / "export")
+    (directory / runs.METRICS_FILE).write_text("{}\n")
+    runs.open_run(directory, config, overwrite=True)
+    assert sorted(p.name for p in directory.iterdir()) == [outputs.MARKER, runs.RUN_FILE]
+
+
+def test_weight_decay_and_clipping_are_checked_with_the_settings(tiny_ckpt, train_file):
+    with pytest.raises(runs.RunError, match="weight_decay must be a finite number >= 0, got nan"):
+        settings(tiny_ckpt, train_file, weight_decay=float("nan"))
+    with pytest.raises(runs.RunError, match="max_grad_norm must be a number > 0 or None, got nan"):
+        settings(tiny_ckpt, train_file, max_grad_norm=float("nan"))
 
 
 def test_packed_rows_give_the_loss_of_separate_rows(tiny_ckpt, train_file, tmp_path):

@@ -33,7 +33,7 @@ def targets_regex(targets: str | Iterable[str]) -> str:
     if not parts:
         raise ValueError("LoRA targets are empty; give presets "
                          f"({', '.join(TARGET_PRESETS)}) or regexes over weight paths")
-    return "|".join(f"(?:{p})" for p in parts)
+    return parts[0] if len(parts) == 1 else "|".join(f"(?:{p})" for p in parts)
 
 
 def add_lora(params: Params, config: OneVisionConfig, rank: int, alpha: float,

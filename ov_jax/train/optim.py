@@ -8,6 +8,7 @@ then a half cosine to 0 at ``total_steps`` (constant after warm-up when ``total_
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -42,15 +43,23 @@ def decay_mask(params: Any) -> Any:
         lambda path, _: getattr(path[-1], "key", None) not in NO_DECAY_LEAVES, params)
 
 
+def check_decay_and_clipping(weight_decay: float, max_grad_norm: float | None) -> None:
+    """:class:`OptimizerError` unless ``weight_decay`` is a finite number >= 0 and ``max_grad_norm`` is None or
+    a number > 0 (a NaN decay would turn every decayed weight into NaN after the first step)."""
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not (
+            math.isfinite(weight_decay) and weight_decay >= 0):
+        raise OptimizerError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+                                      or not max_grad_norm > 0):
+        raise OptimizerError(f"max_grad_norm must be a number > 0 or None, got {max_grad_norm!r}")
+
+
 def optimizer(learning_rate: float = 5e-5, *, warmup_steps: int = 0, total_steps: int | None = None,
               b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
               max_grad_norm: float | None = 1.0) -> optax.GradientTransformation:
     """``clip_by_global_norm(max_grad_norm)`` → AdamW (decoupled decay, masked by :func:`decay_mask`) with
     :func:`lr_schedule`. Equal step for step to ``torch.optim.AdamW`` after ``clip_grad_norm_``."""
-    if weight_decay < 0:
-        raise OptimizerError(f"weight_decay must be >= 0, got {weight_decay}")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise OptimizerError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+    check_decay_and_clipping(weight_decay, max_grad_norm)
     schedule = lr_schedule(learning_rate, warmup_steps, total_steps)
     adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
     if max_grad_norm is None:

@@ -31,7 +31,8 @@ CHECKPOINTS = "checkpoints"
 # Batch fields the train step reads (the data pipeline also yields counters for the metrics).
 STEP_FIELDS = ("input_ids", "attention_mask", "position_ids", "labels", "tower_inputs", "tap_index", "tap_weight",
                "is_media")
-# Settings a resumed run may change: they do not alter the sequence of losses.
+# Settings a resumed run may change. save_every and keep do not alter the losses; a new ``steps`` does from the
+# resumed step on, since the cosine decay is recomputed to end at the new total.
 RESUMABLE = ("steps", "save_every", "keep")
 
 
@@ -90,6 +91,12 @@ class RunConfig:
         if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
                 and self.learning_rate > 0):
             raise RunError(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
+        from ov_jax.train.optim import OptimizerError, check_decay_and_clipping
+
+        try:
+            check_decay_and_clipping(self.weight_decay, self.max_grad_norm)
+        except OptimizerError as err:
+            raise RunError(str(err)) from None
         if self.lora_rank is not None:
             from ov_jax.params import LoraSpec
 
@@ -155,7 +162,8 @@ def open_run(directory: str | os.PathLike, config: RunConfig | None, *, resume: 
     if config is None:
         raise RunError("a new run needs its settings")
     if create:
-        path = outputs.prepare_output_dir(path, kind=RUN_KIND, overwrite=overwrite, sources=_sources(config))
+        path = outputs.prepare_output_dir(path, kind=RUN_KIND, overwrite=overwrite, sources=_sources(config),
+                                          entries=(RUN_FILE, METRICS_FILE, CHECKPOINTS))
         (path / RUN_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     else:
         path = outputs.check_output_dir(path, kind=RUN_KIND, overwrite=overwrite, sources=_sources(config))
@@ -239,7 +247,8 @@ def finetune(output: str | os.PathLike, config: RunConfig | None = None, *, resu
     """Fine-tune ``config.model`` on ``config.data`` into the run directory ``output``.
 
     ``resume``: continue the run in ``output`` from its latest checkpoint (params, optimizer state, step, RNG
-    and data position restored, so the losses equal an uninterrupted run's). ``until``: stop after this step
+    and data position restored, so the losses equal an uninterrupted run's; a changed ``config.steps``
+    re-spans the cosine decay to the new total, so from there the learning rates and losses differ). ``until``: stop after this step
     (saving a checkpoint there) so that a later ``resume`` continues; the schedule still spans
     ``config.steps``. ``progress``: a tqdm bar; ``log``: where the data report and the trainable-parameter
     table go. Every setting is checked before the run directory is created. Raises :class:`RunError`,
@@ -365,10 +374,10 @@ def latest_params(directory: str | os.PathLike) -> tuple[int, dict]:
     return step, params
 
 
-def export(run: str | os.PathLike, out: str | os.PathLike) -> pathlib.Path:
+def export(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
     """Write the run's latest params as a transformers checkpoint (`ov_jax.export.save_pretrained`, with the
     base model's tokenizer, processor and chat template files), LoRA adapters merged into their kernels.
-    Returns the output directory."""
+    ``overwrite``: replace an earlier export in ``out``. Returns the output directory."""
     from ov_jax import export as exporting
     from ov_jax.config import load_config
     from ov_jax.hub import resolve_checkpoint
@@ -381,4 +390,4 @@ def export(run: str | os.PathLike, out: str | os.PathLike) -> pathlib.Path:
     model_config = load_config(source) if _is_converted(source) else checkpoint_config(source)
     from ov_jax.nn.lora import merge_lora
 
-    return exporting.save_pretrained(model_config, merge_lora(params), out, source=source)
+    return exporting.save_pretrained(model_config, merge_lora(params), out, source=source, overwrite=overwrite)
