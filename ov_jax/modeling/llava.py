@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from ov_jax.config import OneVisionConfig
 from ov_jax.modeling import lm_head, qwen2, siglip
 from ov_jax.modeling.layers import attention, gelu_exact
-from ov_jax.nn.attention import causal_block_attention
 from ov_jax.nn.linear import linear
 
 
@@ -60,13 +59,13 @@ def hidden_states(params, input_ids, attention_mask, position_ids, tower_inputs,
     ``tower_inputs [N, 3, 384, 384]``, ``tap_index`` / ``tap_weight [B, T, 4]``, ``is_media [B, T]``: the host
     media plan (`ov_jax.media_plan.build_media_plan`). ``segment_ids [B, T]`` int (optional): packed rows,
     attention causal and only within a segment, 0 = padding (positions restart per segment: the caller's
-    ``position_ids``). ``remat``: a `layers.REMAT_POLICIES` name, applied to both layer scans. Attention is
-    computed by query blocks (`ov_jax.nn.attention.causal_block_attention`), never a ``T × T`` score matrix.
+    ``position_ids``). ``remat``: a `layers.REMAT_POLICIES` name, applied to both layer scans. Causal attention is
+    the blockwise online softmax of `ov_jax.nn.flash`: no ``T × T`` scores or mask, forward or backward.
     """
     embeds = merged_embeddings(params, input_ids, tower_inputs, tap_index, tap_weight, is_media, config, dtype,
                                remat=remat)
     hidden, _ = qwen2.decoder(params["text"], embeds, position_ids, attention_mask.astype(bool), config.text,
-                              attend=causal_block_attention, segment_ids=segment_ids, remat=remat)
+                              segment_ids=segment_ids, remat=remat)
     return hidden
 
 

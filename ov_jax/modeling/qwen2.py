@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from ov_jax.config import TextConfig
 from ov_jax.modeling.layers import apply_rope, attention, remat_layer, rms_norm, rope_tables
 from ov_jax.modeling.lm_head import lm_logits  # noqa: F401  (the engine reads the head through qwen2)
-from ov_jax.nn.attention import causal_mask
+from ov_jax.nn.flash import flash_attention, token_segments
 from ov_jax.nn.linear import embed_rows, linear
 from ov_jax.sharding import active_mesh, constrain
 
@@ -75,7 +75,9 @@ def decoder(
     ``x [B, T, H]`` embeddings, ``positions [B, T]`` RoPE positions. Without a cache ``key_valid``
     is ``[B, T]``; with a cache it is ``[B, S]`` over cache slots (already marking the T new slots),
     and the new keys/values are written at slots ``write_index … write_index + T - 1``.
-    ``attend`` replaces ``layers.attention`` (same signature), e.g. a blocked causal variant for long prompts.
+    Without a cache, attention is `ov_jax.nn.flash.flash_attention` (online softmax by blocks: no ``T × T``
+    scores or mask, forward or backward); with a cache, ``attend`` replaces ``layers.attention`` (same
+    signature), e.g. a blocked causal variant for long prompts.
     ``segment_ids [B, T]`` (no cache; int, 0 = padding): packed rows, attention only within a segment.
     ``remat``: a `layers.REMAT_POLICIES` name for the layer scan (no cache). The hidden states are constrained
     to the rules table's ``hidden`` sharding when a mesh is active (``jax.set_mesh``).
@@ -86,10 +88,10 @@ def decoder(
     mesh = active_mesh()
 
     if cache is None:
-        mask = causal_mask(key_valid, segment_ids)
+        segments = token_segments(key_valid, segment_ids)
 
         def body(h, lp):
-            h, _ = decoder_layer(h, lp, cos, sin, mask, config, attend=attend)
+            h, _ = decoder_layer(h, lp, cos, sin, segments, config, attend=flash_attention)
             return constrain(h, mesh, "hidden"), None
 
         x, _ = jax.lax.scan(remat_layer(body, remat), constrain(x, mesh, "hidden"), params["layers"])

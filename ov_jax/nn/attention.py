@@ -1,8 +1,8 @@
-"""Causal self-attention for long sequences, and its mask from padding and packing metadata.
+"""Causal self-attention by query blocks for long prompts.
 
 :func:`causal_block_attention` runs `ov_jax.modeling.layers.attention` by query blocks that only see keys up
-to the block's end, so score memory is ``block × T`` instead of ``T × T``. The engine's prefill and the
-training / full-sequence forward both use it.
+to the block's end, so score memory is ``block × T`` instead of ``T × T``. The engine's prefill uses it;
+the training / full-sequence forward uses the flash form (`ov_jax.nn.flash`).
 """
 
 from __future__ import annotations
@@ -30,17 +30,3 @@ def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.A
     parts = [attend(q[:, i:i + block], k[:, :i + block], v[:, :i + block], mask[:, i:i + block, :i + block])
              for i in range(0, t, block)]
     return jnp.concatenate(parts, axis=1)
-
-
-def causal_mask(key_valid: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    """``[B, T, T]`` bool: query ``i`` may attend key ``j`` iff ``j <= i``, key ``j`` is valid and, with
-    ``segment_ids [B, T]`` (int, 0 = padding), both lie in the same segment."""
-    t = key_valid.shape[1]
-    slots = jnp.arange(t)
-    valid = key_valid.astype(bool)
-    if segment_ids is not None:
-        valid = valid & (segment_ids != 0)
-    mask = (slots[None, None, :] <= slots[None, :, None]) & valid[:, None, :]
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return mask
