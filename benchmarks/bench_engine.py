@@ -190,8 +190,9 @@ def run_jax(dtype: str, workloads: list[str]) -> dict:
 # --- transformers ---------------------------------------------------------------------------------------------
 
 
-def hf_model(dtype: str):
-    """transformers' model on the benchmark architecture and ``generate(request, new_tokens)`` for it."""
+def hf_model(dtype: str, transform=None):
+    """transformers' model on the benchmark architecture (passed through ``transform`` when given, e.g. torch's
+    dynamic quantization) and ``generate(request, new_tokens)`` for it."""
     import torch
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
@@ -202,6 +203,8 @@ def hf_model(dtype: str):
     hf_config = LlavaOnevisionConfig(**to_hf_dict(config))
     hf_config._attn_implementation = "eager"
     model = LlavaOnevisionForConditionalGeneration(hf_config).eval().to(getattr(torch, dtype))
+    if transform is not None:
+        model = transform(model)
 
     def generate(req, new):
         tensors = {k: torch.tensor(v) for k, v in req.items()}

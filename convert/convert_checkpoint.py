@@ -1,6 +1,7 @@
 """Convert a LLaVA-OneVision safetensors checkpoint (directory or hub id) into an ov_jax orbax directory.
 
-    python -m convert.convert_checkpoint SRC DST [--dtype bfloat16] [--overwrite]
+    python -m convert.convert_checkpoint SRC DST [--dtype bfloat16] [--quantize int8|int4 [--group-size N]]
+        [--quantize-vision] [--overwrite]
 
 Thin wrapper around :func:`ov_jax.checkpoint.convert`; ``ov-jax convert`` reuses :func:`add_arguments` and
 :func:`run`.
@@ -17,6 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("dst", help="output directory: new, empty, or an earlier convert output (--overwrite)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="cast the weights (default: keep the file's dtype)")
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                        help="store the language model's weights quantized: int8 per output channel, int4 per "
+                             "group (default: float)")
+    parser.add_argument("--group-size", type=int, default=128,
+                        help="int4 group size: input features per scale; must divide every input size (default 128)")
+    parser.add_argument("--quantize-vision", action="store_true",
+                        help="also quantize the vision tower's linears and the projector")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace DST if it is an earlier convert output (nothing else is ever replaced)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -25,12 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ov_jax.checkpoint import convert
-    from ov_jax.config import ConfigError
-    from ov_jax.loading import CheckpointError
+    from ov_jax.config import QuantConfig
 
     try:
-        report = convert(args.src, args.dst, args.dtype, overwrite=args.overwrite, progress=args.progress)
-    except (CheckpointError, ConfigError, OSError) as err:
+        quantization = None if args.quantize is None else QuantConfig(args.quantize, args.group_size,
+                                                                      args.quantize_vision)
+        report = convert(args.src, args.dst, args.dtype, overwrite=args.overwrite, progress=args.progress,
+                         quantization=quantization)
+    except (ValueError, OSError) as err:  # CheckpointError and ConfigError are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(report)

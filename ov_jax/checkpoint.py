@@ -41,7 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from ov_jax.config import OneVisionConfig, load_config
+from ov_jax.config import OneVisionConfig, QuantConfig, load_config
 from ov_jax.hub import checkpoint_file, resolve_checkpoint
 from ov_jax.loading import (LOAD_DTYPES, CheckpointError, flat_shardings, plan_checkpoint, read_leaf,
                             resolve_load_dtype, set_path)
@@ -213,32 +213,51 @@ def _write_model_files(directory: Path, config: OneVisionConfig, source: Path | 
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, *, overwrite: bool = False,
-            progress: bool = True) -> ConversionReport:
+            progress: bool = True, quantization: QuantConfig | None = None) -> ConversionReport:
     """Convert a safetensors checkpoint (directory or hub id) into a converted orbax directory ``dst``.
 
     ``dtype`` (float32 / bfloat16 / float16) casts the weights; default: keep each tensor's file dtype, so
-    loading ``dst`` gives exactly what loading ``src`` gives. Refuses an existing ``dst`` unless ``overwrite``.
+    loading ``dst`` gives exactly what loading ``src`` gives. ``quantization`` (`ov_jax.config.QuantConfig`)
+    stores the weights it selects quantized (each leaf is quantized as it is read, `ov_jax.nn.quant`); the
+    directory then loads straight into the quantized form. Refuses an existing ``dst`` unless ``overwrite``;
+    ``ValueError`` for an int4 group size that does not divide a weight's input size.
     """
     rss_before, start = peak_rss_bytes(), time.perf_counter()
     source = resolve_checkpoint(src)
     plan = plan_checkpoint(source)
+    if quantization is not None:
+        from ov_jax.nn.quant import quantize_leaf
+
+        param_specs(plan.config.replace(quantization=quantization))  # a bad group size fails before writing
+        specs = _flat_specs(plan.config)
     store = None if dtype is None else resolve_load_dtype(dtype)
     sizes = {p: math.prod(leaf.shape) * (store or leaf.file_dtype).itemsize for p, leaf in plan.leaves.items()}
     stored = store or np.result_type(*(leaf.file_dtype for leaf in plan.leaves.values()))
+    written: dict[tuple[str, ...], int] = {}
     with atomic_output_dir(dst, kind=OUTPUT_KIND, overwrite=overwrite, sources=[source]) as tmp, _writing(dst):
         with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, unit_divisor=1024,
                   desc=f"converting {source.name}", disable=not progress, leave=False) as bar:
             def leaves():
                 for path, leaf in plan.leaves.items():
                     bar.set_postfix_str(".".join(path), refresh=False)
-                    yield path, read_leaf(leaf, None, store)
+                    array = read_leaf(leaf, None, store)
+                    parts = {path: array}
+                    if quantization is not None:
+                        new = quantize_leaf(".".join(path), array, specs[path], quantization)
+                        if isinstance(new, dict):  # a table becomes a dict; a kernel's keys replace "kernel"
+                            base = path if path[-1] != "kernel" else path[:-1]
+                            parts = {base + (key,): np.asarray(value) for key, value in new.items()}
+                    for part_path, part in parts.items():
+                        written[part_path] = part.nbytes
+                        yield part_path, part
                     bar.update(sizes[path])
 
             arrays = _write_params(tmp / PARAMS_DIR, leaves())
-        _write_model_files(tmp, plan.config.replace(dtype=np.dtype(stored).name), source)
+        config = plan.config.replace(dtype=np.dtype(stored).name, quantization=quantization)
+        _write_model_files(tmp, config, source)
         _write_checksums(tmp, arrays)
-    return ConversionReport(Path(dst).absolute(), time.perf_counter() - start, len(sizes), sum(sizes.values()),
-                            max(sizes.values()), plan.largest_tensor_bytes, rss_before, peak_rss_bytes())
+    return ConversionReport(Path(dst).absolute(), time.perf_counter() - start, len(written), sum(written.values()),
+                            max(written.values()), plan.largest_tensor_bytes, rss_before, peak_rss_bytes())
 
 
 def _flat_specs(config: OneVisionConfig) -> dict[tuple[str, ...], Any]:
@@ -331,6 +350,8 @@ def verify_files(path: str | os.PathLike) -> dict[str, Any]:
 
 def _lossless(stored: str, loaded: np.dtype) -> bool:
     """The loaded dtype holds every stored value exactly, so casting back reproduces the stored bytes."""
+    if stored == loaded.name:  # also quantized integer values, which load in their stored dtype
+        return True
     stored_dtype = LOAD_DTYPES.get(stored)
     return stored_dtype is not None and (stored_dtype == loaded or loaded == LOAD_DTYPES["float32"])
 
@@ -344,13 +365,14 @@ def _verify_arrays(path: Path, params: Params, checksums: dict[str, Any]) -> Non
         want = checksums["arrays"][name]  # None: written by a process that could not see all of the array
         if want is None or not _lossless(want.get("dtype"), np.dtype(array.dtype)):
             continue
-        if _array_record(np.asarray(array).astype(LOAD_DTYPES[want["dtype"]], copy=False)) != want:
+        if _array_record(np.asarray(array).astype(LOAD_DTYPES.get(want["dtype"], array.dtype), copy=False)) != want:
             raise _damaged(path, f"array {name} does not match its sha256 checksum")
 
 
 def load_orbax(path: str | os.PathLike, dtype: Any = None, shardings: Any = None, *, verify: bool = True
                ) -> tuple[OneVisionConfig, Params]:
-    """Load a converted directory into ``(config, params)``; ``dtype`` default float32.
+    """Load a converted directory into ``(config, params)``; ``dtype`` default float32 (quantized values keep
+    their integer dtype, their scales take ``dtype``).
 
     ``shardings`` (a pytree of ``jax.sharding.Sharding`` matching the params) restores every array
     straight into its target sharding: each device reads only its own slice.
@@ -385,7 +407,8 @@ def load_orbax(path: str | os.PathLike, dtype: Any = None, shardings: Any = None
     placement = flat_shardings(shardings, list(specs))
     abstract: Params = {}
     for leaf_path, spec in specs.items():
-        set_path(abstract, leaf_path, jax.ShapeDtypeStruct(spec.shape, dtype, sharding=placement[leaf_path]))
+        set_path(abstract, leaf_path, jax.ShapeDtypeStruct(spec.shape, spec.dtype or dtype,
+                                                           sharding=placement[leaf_path]))
     try:
         with _orbax_context(), _quiet_orbax():
             params = ocp.v1.load(path / PARAMS_DIR, abstract)

@@ -70,6 +70,34 @@ class TextConfig:
     pad_token_id: int | None = None
 
 
+QUANT_MODES = ("int8", "int4")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Weight-only quantization of the stored params (`ov_jax.nn.quant`).
+
+    ``mode``: ``"int8"`` (symmetric, one scale per output channel) or ``"int4"`` (symmetric, one scale per
+    output channel and group of ``group_size`` consecutive input features, two values packed per byte).
+    ``group_size`` is ignored for int8 (stored as ``None``); for int4 it must be a positive even integer that
+    divides every quantized weight's input size. ``vision``: also quantize the vision tower's linears and the
+    projector (the language model's linears, embedding and lm_head always are).
+    """
+
+    mode: str
+    group_size: int | None = 128
+    vision: bool = False
+
+    def __post_init__(self):
+        if self.mode not in QUANT_MODES:
+            raise ValueError(f"quantization must be one of {QUANT_MODES}, got {self.mode!r}")
+        if self.mode == "int8":
+            object.__setattr__(self, "group_size", None)
+        elif (not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 2
+              or self.group_size % 2):
+            raise ValueError(f"int4 group_size must be a positive even integer, got {self.group_size!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class OneVisionConfig:
     """Top level: vision tower + projector + Qwen2 + the anyres / video rules."""
@@ -86,6 +114,7 @@ class OneVisionConfig:
     multimodal_projector_bias: bool = True
     tie_word_embeddings: bool = True
     dtype: str = "float32"  # dtype the checkpoint file declares (informational)
+    quantization: QuantConfig | None = None  # quantized weights (`ov_jax.nn.quant`); None = float
 
     @property
     def anyres_max(self) -> int:
@@ -138,6 +167,8 @@ class OneVisionConfig:
             d["image_grid_pinpoints"] = tuple(tuple(p) for p in d["image_grid_pinpoints"])
         if isinstance(d.get("vision_feature_layer"), list):
             d["vision_feature_layer"] = tuple(d["vision_feature_layer"])
+        if d.get("quantization") is not None:
+            d["quantization"] = QuantConfig(**d["quantization"])
         return cls(vision=vision, text=TextConfig(**text), **d)
 
     def replace(self, **changes: Any) -> "OneVisionConfig":

@@ -102,11 +102,15 @@ def save_pretrained(config: OneVisionConfig, params: Params, directory: str | os
     ``directory`` goes through :func:`ov_jax.outputs.atomic_output_dir` (kind ``"export"``): it must be new,
     empty, or (with ``overwrite``) an earlier export holding nothing else, and never ``source`` or a directory
     holding it (:class:`~ov_jax.outputs.OutputPathError` / ``FileExistsError`` otherwise); nothing is visible
-    there until every file is written. Raises ``ValueError`` for params that do not match ``config``.
+    there until every file is written. Raises ``ValueError`` for params that do not match ``config`` and for
+    quantized params.
     """
     from huggingface_hub import split_state_dict_into_shards_factory
 
     source = None if source is None else Path(source)
+    if config.quantization is not None:
+        raise ValueError(f"the weights are quantized ({config.quantization}); transformers' layout holds float "
+                         "weights: export the float model (load it without quantization)")
     params = merge_lora(params)
     check_tree(params, config)
     cast = None if dtype is None else resolve_load_dtype(dtype)

@@ -19,7 +19,7 @@ from ov_jax.config import OneVisionConfig
 from ov_jax.generation import GenerationConfig
 from ov_jax.media_plan import build_media_plan
 from ov_jax.modeling import llava, lm_head
-from ov_jax.params import LoraSpec, check_tree
+from ov_jax.params import LoraSpec, check_tree, param_specs
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -110,7 +110,8 @@ class LlavaOnevision:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, dtype: Any = jnp.float32, mesh: Any = None,
-                        verify: bool = True, **kwargs) -> "LlavaOnevision":
+                        verify: bool = True, quantization: str | None = None, group_size: int = 128,
+                        quantize_vision: bool = False, **kwargs) -> "LlavaOnevision":
         """Load a transformers checkpoint directory, a converted orbax directory, or a hub id.
 
         ``mesh``: a ``jax.sharding.Mesh`` with axes data / fsdp / tensor, a string such as ``"data=2,tensor=4"``
@@ -118,25 +119,47 @@ class LlavaOnevision:
         ``verify``: check a converted directory against its checksums (`ov_jax.checkpoint.load_orbax`);
         ``False`` skips that for speed. The checkpoint's ``generation_config.json`` becomes
         ``generation_config`` (`ov_jax.generation.GenerationConfig.from_pretrained`).
+        ``quantization``: ``"int8"`` (per output channel) or ``"int4"`` (per ``group_size`` input features)
+        weight-only quantization of the language model's weights (and with ``quantize_vision`` the tower's and
+        the projector's), see `ov_jax.nn.quant`. A directory converted with ``--quantize`` loads straight into
+        its quantized form (``quantization`` may be omitted, or must match); other sources are read in float
+        and then quantized (peak memory: the float weights). ``ValueError`` for an unknown mode, a group size
+        that does not divide a weight's input size, or a mismatch with a quantized directory.
         """
         from ov_jax import loading
+        from ov_jax.config import QuantConfig, load_config
         from ov_jax.hub import resolve_checkpoint
 
         dtype = resolve_dtype(dtype)
+        quant = None if quantization is None else QuantConfig(quantization, group_size, quantize_vision)
         path = resolve_checkpoint(path_or_id)
+        converted = _is_converted(path)
+        config = load_config(path) if converted else loading.checkpoint_config(path)
+        if config.quantization is not None:
+            if quant is not None and quant != config.quantization:
+                raise ValueError(f"{path} holds weights quantized as {config.quantization}; asked for {quant}")
+            quant = None  # already in that form
         if mesh is not None:
             from ov_jax import sharding
-            from ov_jax.config import load_config
 
             mesh = sharding.make_mesh(mesh)
-            config = load_config(path) if _is_converted(path) else loading.checkpoint_config(path)
             kwargs["shardings"] = sharding.param_shardings(config, mesh)
-        if _is_converted(path):
+        if quant is not None:
+            param_specs(config.replace(quantization=quant))  # a bad group size fails before any weight is read
+        if converted:
             from ov_jax import checkpoint
 
             config, params = checkpoint.load_orbax(path, dtype=dtype, verify=verify, **kwargs)
         else:
             config, params = loading.load_params(path, dtype=dtype, **kwargs)
+        if quant is not None:
+            from ov_jax.nn.quant import quantize_params
+
+            params, config = quantize_params(params, config, quant)
+            if mesh is not None:
+                from ov_jax import sharding
+
+                params = sharding.shard_params(params, config, mesh)
         model = cls(config, params, dtype, generation_config=GenerationConfig.from_pretrained(path, config.text))
         model.source_dir = path
         return model

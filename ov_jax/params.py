@@ -23,6 +23,12 @@ Layout (``L`` stacked layers, scanned over):
   text.norm.scale [H]
   text.lm_head.kernel [H,V]   (absent when the checkpoint ties it to text.embed)
 
+Quantization (``config.quantization``, `ov_jax.nn.quant`): every quantized weight dict holds integer
+``kernel`` values (int8 ``[*in, *out]``; int4 as uint8 ``[*in[:-1], in[-1]/2, *out]``, two values per byte
+along the last input axis) and a float ``kernel_scale [L?, G, *out]`` (``G`` groups of the flattened input,
+1 for int8; the group axis is replicated, the output axes shard as the kernel's). ``text.embed`` becomes
+``{"kernel": [V, H or H/2], "kernel_scale": [V, G]}`` (groups along H).
+
 LoRA (``param_specs(config, lora=LoraSpec(rank, alpha, targets))``): every weight dict whose dotted path
 (e.g. ``text.layers.q``) matches ``targets`` also holds ``lora_a [L?, *in, r]`` (input axes as the kernel's),
 ``lora_b [L?, r, *out]`` (output axes as the kernel's) and ``lora_scale [L?]`` (= alpha / rank).
@@ -51,6 +57,7 @@ class ParamSpec:
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
     n_in: int = 1
+    dtype: str | None = None  # a fixed storage dtype (quantized values); None = the params' float dtype
 
     def __post_init__(self):
         assert len(self.shape) == len(self.axes), (self.shape, self.axes)
@@ -161,6 +168,10 @@ def param_specs(config: OneVisionConfig, lora: LoraSpec | None = None) -> dict[s
         "image_newline": ParamSpec((t.hidden_size,), ("embed",)),
         "text": text,
     }
+    if config.quantization is not None:
+        from ov_jax.nn.quant import quantized_specs
+
+        specs = quantized_specs(specs, config.quantization)
     return specs if lora is None else _with_lora(specs, lora)
 
 
@@ -209,13 +220,18 @@ def _with_lora(specs: dict[str, Any], lora: LoraSpec) -> dict[str, Any]:
 
 
 def check_tree(params: Params, config: OneVisionConfig, lora: LoraSpec | None = None) -> None:
-    """Raise ``ValueError`` if ``params`` does not have exactly the declared leaves and shapes."""
+    """Raise ``ValueError`` if ``params`` does not have exactly the declared leaves and shapes (and the declared
+    dtype where one is fixed: quantized values)."""
     specs = param_specs(config, lora)
     want = {jax.tree_util.keystr(p): s.shape for p, s in jax.tree_util.tree_leaves_with_path(specs, is_leaf=is_spec)}
     have = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(params)}
     problems = [f"missing {k}" for k in want.keys() - have.keys()]
     problems += [f"unexpected {k}" for k in have.keys() - want.keys()]
     problems += [f"{k}: shape {have[k]} != {want[k]}" for k in want.keys() & have.keys() if have[k] != want[k]]
+    fixed = {jax.tree_util.keystr(p): jnp.dtype(s.dtype)
+             for p, s in jax.tree_util.tree_leaves_with_path(specs, is_leaf=is_spec) if s.dtype}
+    stored = {jax.tree_util.keystr(p): jnp.dtype(x.dtype) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    problems += [f"{k}: dtype {stored[k]} != {fixed[k]}" for k in fixed.keys() & stored.keys() if stored[k] != fixed[k]]
     if problems:
         raise ValueError("params do not match the config: " + "; ".join(sorted(problems)))
 
@@ -226,7 +242,8 @@ def is_spec(x: Any) -> bool:
 
 def abstract_params(config: OneVisionConfig, dtype: Any = jnp.float32, lora: LoraSpec | None = None) -> Params:
     """``jax.ShapeDtypeStruct`` tree: for AOT compilation and memory planning without weights."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(config, lora), is_leaf=is_spec)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype or dtype), param_specs(config, lora),
+                        is_leaf=is_spec)
 
 
 def logical_axes(config: OneVisionConfig, lora: LoraSpec | None = None) -> Params:
@@ -235,7 +252,13 @@ def logical_axes(config: OneVisionConfig, lora: LoraSpec | None = None) -> Param
 
 
 def random_params(config: OneVisionConfig, seed: int = 0, dtype: Any = np.float32, scale: float = 0.02) -> Params:
-    """Random host (numpy) weights: norms near 1, small biases. For benchmarks and shape tests only."""
+    """Random host (numpy) weights: norms near 1, small biases. For benchmarks and shape tests only.
+    A quantized ``config`` gets the quantized form of the same random float weights."""
+    if config.quantization is not None:
+        from ov_jax.nn.quant import quantize_params
+
+        return quantize_params(random_params(config.replace(quantization=None), seed, dtype, scale),
+                               config.replace(quantization=None), config.quantization)[0]
     rng = np.random.default_rng(seed)
 
     def init(path, spec: ParamSpec):

@@ -30,7 +30,7 @@ from ov_jax.media_plan import NEWLINE_ROW
 from ov_jax.modeling import llava, qwen2
 from ov_jax.modeling.layers import NEG_INF, apply_rope, attention, rms_norm, rope_tables
 from ov_jax.nn.attention import causal_block_attention
-from ov_jax.nn.linear import kernel_of, merged_kernel
+from ov_jax.nn.linear import concat_matrices, has_lora, matmul, merge_leaf, serving_matrix
 
 LAYOUTS = ("unrolled", "scanned")
 
@@ -67,21 +67,17 @@ def serving_layer(lp: dict) -> dict:
 
     XLA:CPU streams a weight fastest when it contracts over its contiguous axis, and at batch > 1 when it is
     the left operand (measured on the 0.5B shapes, 2 AVX2 cores: GEMV 1.3x, batch-8 GEMM 1.6-1.8x faster
-    than the ``[in, out]`` kernels); fusing halves the number of weight streams per layer.
+    than the ``[in, out]`` kernels); fusing halves the number of weight streams per layer. Quantized weights
+    stay quantized (`ov_jax.nn.linear.serving_matrix`); LoRA adapters are folded in.
     """
-    def t2(weight, n_in):  # [in, ...] -> [out, in], LoRA adapters folded in
-        return merged_kernel(weight).reshape(n_in, -1).T
-
-    dim = kernel_of(lp["q"]).shape[0]
-    qkv = jnp.concatenate([t2(lp[n], dim) for n in ("q", "k", "v")], axis=0)
+    qkv = concat_matrices([serving_matrix(lp[n]) for n in ("q", "k", "v")])
     qkv_bias = jnp.concatenate([lp[n]["bias"].reshape(-1) for n in ("q", "k", "v")])
-    o = merged_kernel(lp["o"])
     return {
         "input_norm": lp["input_norm"], "post_norm": lp["post_norm"],
         "qkv": {"weight": qkv, "bias": qkv_bias},
-        "o": {"weight": o.reshape(-1, o.shape[-1]).T},
-        "gate_up": {"weight": jnp.concatenate([t2(lp["gate"], dim), t2(lp["up"], dim)])},
-        "down": {"weight": t2(lp["down"], kernel_of(lp["down"]).shape[0])},
+        "o": {"weight": serving_matrix(lp["o"], n_in=2)},
+        "gate_up": {"weight": concat_matrices([serving_matrix(lp["gate"]), serving_matrix(lp["up"])])},
+        "down": {"weight": serving_matrix(lp["down"])},
     }
 
 
@@ -93,11 +89,12 @@ def serving_layers(stacked: dict) -> list[dict]:
     return [build(stacked, np.int32(i)) for i in range(num_layers)]
 
 
-def serving_lm_head(text: dict) -> jax.Array:
-    """The ``[V, H]`` output matrix for decode: the embedding when tied, else the lm_head kernel transposed."""
+def serving_lm_head(text: dict) -> Any:
+    """The ``[V, H]`` output matrix for decode (a `ov_jax.nn.linear.serving_matrix`): the embedding when tied,
+    else the lm_head kernel transposed; quantized weights stay quantized."""
     if "lm_head" in text:
-        return jax.jit(lambda w: merged_kernel(w).T)(text["lm_head"])
-    return merged_kernel(text["embed"])
+        return jax.jit(serving_matrix)(text["lm_head"])
+    return jax.jit(merge_leaf)(text["embed"]) if has_lora(text["embed"]) else text["embed"]
 
 
 # --- media -------------------------------------------------------------------------------------------------
@@ -204,12 +201,6 @@ def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.A
     return jnp.einsum("bngs,bnsd->bngd", probs, v).reshape(b, 1, nh, hd)
 
 
-def _project(weight: jax.Array, x: jax.Array, out_dtype=None) -> jax.Array:
-    """``weight [out, in] @ x [in, B]``: XLA:CPU streams an ``[out, in]`` weight fastest as the left operand
-    (batch 8: 1.6-1.8x faster than ``x @ kernel``; batch 1: no slower)."""
-    return jnp.dot(weight.astype(x.dtype), x, preferred_element_type=out_dtype)
-
-
 def _decode_unrolled(layers: list[dict], cache: qwen2.KVCache, x: jax.Array, cos, sin, key_valid: jax.Array,
                      write_index: jax.Array, config) -> tuple[jax.Array, qwen2.KVCache]:
     """All decoder layers for one token per row on :func:`serving_layers` weights.
@@ -221,7 +212,7 @@ def _decode_unrolled(layers: list[dict], cache: qwen2.KVCache, x: jax.Array, cos
     new_k, new_v = [], []
     for lp, ck, cv in zip(layers, cache.k, cache.v):
         h = rms_norm(x, lp["input_norm"], eps, axis=0)
-        qkv = _project(lp["qkv"]["weight"], h) + lp["qkv"]["bias"].astype(h.dtype)[:, None]
+        qkv = matmul(lp["qkv"]["weight"], h) + lp["qkv"]["bias"].astype(h.dtype)[:, None]
         q, k, v = (part.reshape(-1, hd, b).transpose(2, 0, 1)  # [B, heads, hd]
                    for part in jnp.split(qkv, [nh * hd, (nh + nkv) * hd], axis=0))
         q = apply_rope(q[:, None], cos, sin)
@@ -230,10 +221,10 @@ def _decode_unrolled(layers: list[dict], cache: qwen2.KVCache, x: jax.Array, cos
         ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), slot)
         cv = jax.lax.dynamic_update_slice(cv, v[:, :, None].astype(cv.dtype), slot)
         attended = _decode_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), key_valid)
-        x = x + _project(lp["o"]["weight"], attended.reshape(b, nh * hd).T)
+        x = x + matmul(lp["o"]["weight"], attended.reshape(b, nh * hd).T)
         h = rms_norm(x, lp["post_norm"], eps, axis=0)
-        gate, up = jnp.split(_project(lp["gate_up"]["weight"], h), 2, axis=0)
-        x = x + _project(lp["down"]["weight"], jax.nn.silu(gate) * up)
+        gate, up = jnp.split(matmul(lp["gate_up"]["weight"], h), 2, axis=0)
+        x = x + matmul(lp["down"]["weight"], jax.nn.silu(gate) * up)
         new_k.append(ck)
         new_v.append(cv)
     return x, qwen2.KVCache(tuple(new_k), tuple(new_v))
@@ -254,7 +245,7 @@ def decode_step(params: dict, layers: list[dict] | None, cache: Any, state: Deco
         hidden, cache = _decode_unrolled(layers, cache, x[:, 0].T, cos, sin, key_valid, w, config.text)
         hidden = rms_norm(hidden, text["norm"], config.text.rms_norm_eps, axis=0)
         # the barrier keeps the [V, B] product in its fast form; the transpose after it is a small copy
-        logits = jax.lax.optimization_barrier(_project(text["lm_head_t"], hidden, jnp.float32)).T
+        logits = jax.lax.optimization_barrier(matmul(text["lm_head_t"], hidden, jnp.float32)).T
     state = state._replace(key_valid=key_valid, positions=state.positions + 1, write_index=w + 1,
                            step=state.step + 1)
     return cache, _emit(state, logits, rules, mode)

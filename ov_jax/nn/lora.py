@@ -41,7 +41,7 @@ def add_lora(params: Params, config: OneVisionConfig, rank: int, alpha: float, t
         node, declared = out, specs
         for key in path.split("."):
             node, declared = node[key], declared[key]
-        kernel = node["kernel"]
+        kernel = node.get("kernel_scale", node["kernel"])  # adapters of a quantized kernel take its scale's dtype
         a_spec = declared["lora_a"]
         fan_in = math.prod(a_spec.shape[len(a_spec.shape) - 1 - a_spec.n_in:-1])
         bound = 1.0 / math.sqrt(fan_in)

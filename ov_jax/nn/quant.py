@@ -1,0 +1,202 @@
+"""Weight-only quantization of the params tree: symmetric int8 per output channel, int4 per group.
+
+A quantized weight dict holds integer ``kernel`` values and a float ``kernel_scale`` (layout in
+`ov_jax.params` and `ov_jax.nn.linear`); `ov_jax.nn.linear` dequantizes inside each product. The choice of
+weights is :func:`targets`: every linear of the language model, its embedding and (untied) lm_head, and with
+``QuantConfig.vision`` the vision tower's linears and the projector. Norms, biases, position embeddings and
+the patch embedding stay float.
+
+Scales: ``absmax / 127`` over each output channel (int8), or over each group of ``group_size`` consecutive
+input features of it ``absmax · r / 7`` with the clipping ratio ``r`` that minimises the group's squared
+error (int4), computed in float32; values ``round(w / scale)``, clipped to ``±qmax``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ov_jax.config import OneVisionConfig, QuantConfig
+from ov_jax.params import ParamSpec, Params, check_tree, is_spec, param_specs, weight_paths
+
+LM_TARGETS = r"text\.layers\.(q|k|v|o|gate|up|down)|text\.lm_head"
+VISION_TARGETS = r"vision\.layers\.(q|k|v|o|fc1|fc2)|projector\.linear_[12]"
+TABLES = ("text.embed",)  # [V, H] tables, quantized along H
+QMAX = {"int8": 127, "int4": 7}
+
+
+def targets(quant: QuantConfig) -> str:
+    """The regular expression (``re.fullmatch`` on dotted paths) of the kernels ``quant`` quantizes."""
+    return LM_TARGETS + (f"|{VISION_TARGETS}" if quant.vision else "")
+
+
+def _groups(quant: QuantConfig, n: int, where: str) -> int:
+    if quant.mode == "int8":
+        return 1
+    if n % quant.group_size:
+        raise ValueError(f"int4 group_size {quant.group_size} does not divide the input size {n} of {where}; "
+                         f"choose a group size that divides it")
+    return n // quant.group_size
+
+
+def _kernel_specs(kernel: ParamSpec, quant: QuantConfig, where: str) -> dict[str, ParamSpec]:
+    lead = 1 if kernel.axes[0] == "layers" else 0
+    split = lead + kernel.n_in
+    n = math.prod(kernel.shape[lead:split])
+    shape = list(kernel.shape)
+    if quant.mode == "int4":
+        shape[split - 1] //= 2  # every input size here is even (group sizes are)
+    return {
+        "kernel": ParamSpec(tuple(shape), kernel.axes, kernel.n_in, "uint8" if quant.mode == "int4" else "int8"),
+        "kernel_scale": ParamSpec(kernel.shape[:lead] + (_groups(quant, n, where),) + kernel.shape[split:],
+                                  kernel.axes[:lead] + (None,) + kernel.axes[split:]),
+    }
+
+
+def _table_specs(table: ParamSpec, quant: QuantConfig, where: str) -> dict[str, ParamSpec]:
+    rows, n = table.shape
+    width = n // 2 if quant.mode == "int4" else n
+    return {
+        "kernel": ParamSpec((rows, width), table.axes, 1, "uint8" if quant.mode == "int4" else "int8"),
+        "kernel_scale": ParamSpec((rows, _groups(quant, n, where)), (table.axes[0], None)),
+    }
+
+
+def quantized_specs(specs: dict[str, Any], quant: QuantConfig) -> dict[str, Any]:
+    """A copy of a float spec tree with the weights ``quant`` selects in quantized form; ``ValueError`` when an
+    int4 group size does not divide a selected weight's input size."""
+    out = jax.tree.map(lambda s: s, specs, is_leaf=is_spec)
+    for path in [p for p in weight_paths(specs) if re.fullmatch(targets(quant), p)]:
+        node = _node(out, path)
+        node.update(_kernel_specs(node["kernel"], quant, path))
+    for path in TABLES:
+        *parent, key = path.split(".")
+        node = _node(out, ".".join(parent))
+        node[key] = _table_specs(node[key], quant, path)
+    return out
+
+
+def _node(tree: dict, path: str) -> Any:
+    for key in path.split("."):
+        tree = tree[key]
+    return tree
+
+
+def _pack_int4(values: jax.Array, axis: int) -> jax.Array:
+    """int8 values in [-8, 7] → uint8 bytes, pairs along ``axis`` (low nibble first; `nn.linear.unpack_int4`)."""
+    shape = values.shape
+    pairs = values.reshape(shape[:axis] + (shape[axis] // 2, 2) + shape[axis + 1:])
+    nibbles = jax.lax.bitcast_convert_type(pairs, jnp.uint8) & jnp.uint8(0xF)
+    low, high = jnp.take(nibbles, 0, axis=axis + 1), jnp.take(nibbles, 1, axis=axis + 1)
+    return low | (high << jnp.uint8(4))
+
+
+# int4 scales: the clipping ratio of absmax (per group) with the least squared error among these
+INT4_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def _quantize_grouped(grouped: jax.Array, group_axis: int, mode: str) -> tuple[jax.Array, jax.Array]:
+    """Symmetric quantization of float ``grouped`` with one scale per slice along ``group_axis`` (reduced).
+    int8: ``scale = absmax / 127``; int4: ``absmax · r / 7`` with the ratio ``r`` of :data:`INT4_CLIP_RATIOS`
+    that minimises the slice's squared error (clipping a few outliers buys resolution for the rest)."""
+    grouped = grouped.astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(grouped), axis=group_axis, keepdims=True)
+
+    def attempt(ratio):
+        scale = absmax * ratio / QMAX[mode]
+        values = jnp.clip(jnp.round(grouped / jnp.where(scale == 0, 1.0, scale)), -QMAX[mode], QMAX[mode])
+        return values, scale, jnp.sum(jnp.square(values * scale - grouped), axis=group_axis, keepdims=True)
+
+    values, scale, error = attempt(1.0)
+    for ratio in INT4_CLIP_RATIOS[1:] if mode == "int4" else ():
+        v, sc, err = attempt(ratio)
+        better = err < error
+        values, scale, error = jnp.where(better, v, values), jnp.where(better, sc, scale), jnp.minimum(err, error)
+    return values.astype(jnp.int8), jnp.squeeze(scale, group_axis)
+
+
+@functools.partial(jax.jit, static_argnames=("n_in", "lead", "mode", "groups"))
+def quantize_kernel(kernel: jax.Array, *, n_in: int, lead: int, mode: str, groups: int
+                    ) -> tuple[jax.Array, jax.Array]:
+    """``kernel [*lead, *in, *out]`` → (values, ``kernel_scale [*lead, groups, *out]`` in the kernel's dtype):
+    int8 values of the kernel's shape, or for int4 uint8 bytes packing pairs along the last input axis."""
+    shape = kernel.shape
+    split = lead + n_in
+    grouped = kernel.reshape(shape[:lead] + (groups, -1) + shape[split:])
+    values, scale = _quantize_grouped(grouped, lead + 1, mode)
+    values = values.reshape(shape)
+    if mode == "int4":
+        values = _pack_int4(values, split - 1)
+    return values, scale.astype(kernel.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "groups"))
+def quantize_table(table: jax.Array, *, mode: str, groups: int) -> tuple[jax.Array, jax.Array]:
+    """A ``[V, H]`` table → (values ``[V, H]`` int8 or ``[V, H/2]`` uint8, ``kernel_scale [V, groups]``)."""
+    rows, n = table.shape
+    values, scale = _quantize_grouped(table.reshape(rows, groups, n // groups), 2, mode)
+    values = values.reshape(rows, n)
+    if mode == "int4":
+        values = _pack_int4(values, 1)
+    return values, scale.astype(table.dtype)
+
+
+def quantize_leaf(path: str, leaf: Any, spec: ParamSpec, quant: QuantConfig) -> Any:
+    """One float leaf of the params tree at dotted ``path`` (its float ``spec``) in the form ``quant`` gives
+    it: a table becomes ``{"kernel", "kernel_scale"}``, a selected kernel ``(values, scale)`` — returned as
+    a dict of the keys it replaces — and anything else comes back unchanged."""
+    if path in TABLES:
+        values, scale = quantize_table(jnp.asarray(leaf), mode=quant.mode,
+                                       groups=_groups(quant, spec.shape[-1], path))
+        return {"kernel": values, "kernel_scale": scale}
+    weight, _, key = path.rpartition(".")
+    if key != "kernel" or not re.fullmatch(targets(quant), weight):
+        return leaf
+    lead = 1 if spec.axes[0] == "layers" else 0
+    n = math.prod(spec.shape[lead:lead + spec.n_in])
+    values, scale = quantize_kernel(jnp.asarray(leaf), n_in=spec.n_in, lead=lead, mode=quant.mode,
+                                    groups=_groups(quant, n, weight))
+    return {"kernel": values, "kernel_scale": scale}
+
+
+def quantize_params(params: Params, config: OneVisionConfig, quant: QuantConfig
+                    ) -> tuple[Params, OneVisionConfig]:
+    """Quantize the float ``params`` of ``config`` (no adapters: quantize before `ov_jax.nn.lora.add_lora`).
+
+    Returns the quantized params (a new tree; quantized leaves are new device arrays, the others are shared)
+    and ``config`` with ``quantization=quant``. Raises ``ValueError`` when ``config`` is already quantized,
+    when the params do not match it, or when an int4 group size does not divide a weight's input size.
+    """
+    if config.quantization is not None:
+        raise ValueError(f"params are already quantized ({config.quantization})")
+    check_tree(params, config)
+    quantized = config.replace(quantization=quant)
+    param_specs(quantized)  # validates the group size against every selected weight
+    specs = param_specs(config)
+
+    def walk(tree: dict, spec_tree: dict, prefix: str) -> dict:
+        out = {}
+        for key, value in tree.items():
+            path = f"{prefix}.{key}" if prefix else key
+            spec = spec_tree[key]
+            if isinstance(value, dict):
+                out[key] = walk(value, spec, path)
+                continue
+            new = quantize_leaf(path, value, spec, quant)
+            if isinstance(new, dict) and key == "kernel":
+                out.update(new)
+            else:
+                out[key] = new
+        return out
+
+    return walk(params, specs, ""), quantized
+
+
+def weight_bytes(tree: Any) -> int:
+    """Bytes the arrays of ``tree`` occupy (e.g. ``params["text"]`` for the language model's weights)."""
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

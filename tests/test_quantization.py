@@ -1,0 +1,312 @@
+"""Weight-only int8 / int4 quantization: memory, agreement with bfloat16, storage, sharding, errors."""
+
+import dataclasses
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from loading_helpers import assert_trees_equal
+from ov_jax.checkpoint import load_orbax, save_orbax
+from ov_jax.config import QuantConfig
+from ov_jax.geometry import image_token_count, video_token_count
+from ov_jax.model import LlavaOnevision
+from ov_jax.nn.linear import kernel_of, table_of, unpack_int4
+from ov_jax.nn.quant import _pack_int4, quantize_params, weight_bytes
+from ov_jax.params import check_tree, param_specs, random_params
+from ov_jax.presets import preset
+
+# Divides every input size of the tiny model. Its attention is deliberately sharp (q/k gains: score std ~ 4),
+# which amplifies int4's noise: top-1 agreement with bf16 measured 87.0% at group 32, 92.4% at group 16.
+TINY_GROUP = 16
+
+
+def _spec_bytes(config, float_dtype=jnp.bfloat16) -> int:
+    """Bytes of the language model's weights as declared (no arrays built)."""
+    specs = param_specs(config)["text"]
+    return sum(int(np.prod(s.shape)) * jnp.dtype(s.dtype or float_dtype).itemsize
+               for s in jax.tree.leaves(specs, is_leaf=lambda x: hasattr(x, "axes")))
+
+
+@pytest.mark.parametrize("mode, group, ratio", [("int8", None, 1.9), ("int4", 128, 3.5)])
+def test_lm_weight_bytes_shrink_on_the_0_5b_architecture(mode, group, ratio):
+    """Embedding (tied head) included; scales stored in bfloat16 like the other float leaves."""
+    config = preset("0.5b")
+    quantized = config.replace(quantization=QuantConfig(mode, group))
+    measured = _spec_bytes(config) / _spec_bytes(quantized)
+    assert measured >= ratio, measured
+
+
+@pytest.mark.parametrize("mode, ratio", [("int8", 1.9), ("int4", 3.5)])
+def test_lm_weight_bytes_shrink_on_arrays(tiny_ckpt, mode, ratio):
+    """On arrays, group 64 (the tiny model's hidden size: one scale per 64 features, as 128 on the 0.5B's 896)."""
+    model = LlavaOnevision.from_pretrained(tiny_ckpt, dtype="bfloat16")
+    params, config = quantize_params(model.params, model.config, QuantConfig(mode, 64))
+    assert weight_bytes(model.params["text"]) / weight_bytes(params["text"]) >= ratio
+    assert weight_bytes(params["text"]) == _spec_bytes(config)
+    assert params["text"]["embed"]["kernel"].dtype == (jnp.int8 if mode == "int8" else jnp.uint8)
+    assert params["vision"]["layers"]["q"]["kernel"].dtype == jnp.bfloat16  # the tower stays float by default
+
+
+def test_int4_packing_and_dequantization_round_trip():
+    values = np.arange(-8, 8, dtype=np.int8).reshape(2, 8)
+    packed = _pack_int4(jnp.asarray(values), 1)
+    assert packed.dtype == jnp.uint8 and packed.shape == (2, 4)
+    np.testing.assert_array_equal(unpack_int4(packed, 1), values)
+    np.testing.assert_array_equal(unpack_int4(_pack_int4(jnp.asarray(values.T), 0), 0), values.T)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_dequantized_weights_error_is_bounded(tiny_ckpt, mode):
+    """int8: every weight within half a step (absmax / 127 of its output channel). int4: every group's squared
+    error at most that of plain absmax / 7 rounding (the clipping search only improves on it)."""
+    model = LlavaOnevision.from_pretrained(tiny_ckpt)
+    params, _ = quantize_params(model.params, model.config, QuantConfig(mode, TINY_GROUP))
+    group = None if mode == "int8" else TINY_GROUP
+    checked = [(model.params["text"]["embed"], params["text"]["embed"], None)]
+    layer = lambda tree, n: jax.tree.map(lambda a: a[1], tree["text"]["layers"][n])  # the second layer
+    checked += [(layer(model.params, n)["kernel"], layer(params, n), n_in)
+                for n, n_in in (("q", 1), ("o", 2), ("down", 1))]
+    for w, leaf, n_in in checked:
+        w = np.asarray(w)
+        if n_in is None:  # the [V, H] table: channels are rows, groups run along H
+            q = np.asarray(table_of(leaf)).reshape(w.shape[0], 1 if group is None else -1, group or w.shape[1])
+            w, axis = w.reshape(q.shape), 2
+        else:
+            q = np.asarray(kernel_of(leaf))
+            n = int(np.prod(w.shape[:n_in]))
+            w, q = (x.reshape((1 if group is None else n // group, -1) + w.shape[n_in:]) for x in (w, q))
+            axis = 1
+        absmax = np.abs(w).max(axis=axis, keepdims=True)
+        assert np.abs(q - w).max() > 0
+        if mode == "int8":
+            assert np.all(np.abs(q - w) <= 0.5 * absmax / 127 * 1.001)
+        else:
+            plain = np.clip(np.round(w / absmax * 7), -7, 7) * absmax / 7
+            assert np.all(((q - w) ** 2).sum(axis) <= ((plain - w) ** 2).sum(axis) * 1.001 + 1e-12)
+
+
+# --- agreement with bfloat16 on a confident model --------------------------------------------------------
+
+
+def _prompt_set(config, rng, image=True):
+    """Left-padded rows: an image (``image``; else another text row), a video, two text-only rows."""
+    img, vid = config.image_token_id, config.video_token_id
+    n_image = image_token_count(300, 200, config.image_grid_pinpoints)
+    rows = [
+        [11, 12] + [img] * n_image + list(rng.integers(30, 300, 40)) if image else list(rng.integers(30, 300, 50)),
+        [19, 20] + [vid] * video_token_count(2) + list(rng.integers(30, 300, 40)),
+        list(rng.integers(30, 300, 90)),
+        list(rng.integers(30, 300, 25)),
+    ]
+    width = max(map(len, rows))
+    ids = np.array([[0] * (width - len(r)) + r for r in rows])
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    media = dict(pixel_values_videos=rng.standard_normal((1, 2, 3, 384, 384)).astype(np.float32))
+    if image:
+        media.update(pixel_values=rng.standard_normal((1, 5, 3, 384, 384)).astype(np.float32),
+                     image_sizes=np.array([[300, 200]]), batch_num_images=np.array([1, 0, 0, 0]))
+    return ids, mask, media
+
+
+def confident_params(model, ids, mask, media, steps=200):
+    """``model``'s params with the lm_head fitted (cross-entropy, adam) to the model's own top-1 tokens on the
+    batch, so the predictions have the margins of a trained model (as the bf16 agreement test does): a random
+    checkpoint's logits are near-Gaussian and near-tied, and any rounding flips a few % of them."""
+    import optax
+
+    valid = mask.astype(bool)
+    hidden = jnp.asarray(model.hidden_states(ids, mask, **media), jnp.float32)[valid]
+    targets = jnp.asarray(np.asarray(model(ids, mask, **media).logits)[valid].argmax(-1))
+    optimizer = optax.adam(1e-2)
+
+    @jax.jit
+    def step(head, state):
+        loss = lambda h: optax.softmax_cross_entropy_with_integer_labels(hidden @ h["kernel"], targets).mean()
+        updates, state = optimizer.update(jax.grad(loss)(head), state)
+        return optax.apply_updates(head, updates), state
+
+    head = jax.tree.map(lambda x: x.astype(jnp.float32), model.params["text"]["lm_head"])
+    state = optimizer.init(head)
+    for _ in range(steps):
+        head, state = step(head, state)
+    return dict(model.params, text=dict(model.params["text"], lm_head=head))
+
+
+def agreement(reference, quantized, ids, mask, media) -> tuple[float, float]:
+    """Top-1 agreement over the valid positions and the logits' relative error (Frobenius)."""
+    valid = mask.astype(bool)
+    a = np.asarray(reference(ids, mask, **media).logits)[valid]
+    b = np.asarray(quantized(ids, mask, **media).logits)[valid]
+    return float((a.argmax(-1) == b.argmax(-1)).mean()), float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+@pytest.fixture(scope="module")
+def confident_bf16(tiny_ckpt):
+    base = LlavaOnevision.from_pretrained(tiny_ckpt)
+    ids, mask, media = _prompt_set(base.config, np.random.default_rng(3))
+    params = confident_params(base, ids, mask, media)
+    return LlavaOnevision.from_params(base.config, params, "bfloat16"), (ids, mask, media)
+
+
+@pytest.mark.parametrize("mode, bar", [("int8", 0.98), ("int4", 0.90)])
+def test_top1_agreement_with_bfloat16(confident_bf16, mode, bar):
+    reference, batch = confident_bf16
+    params, config = quantize_params(reference.params, reference.config, QuantConfig(mode, TINY_GROUP))
+    top1, rel = agreement(reference, LlavaOnevision(config, params, "bfloat16"), *batch)
+    print(f"{mode}: top-1 agreement {top1:.4f}, logit relative error {rel:.4f}")
+    assert top1 >= bar, (top1, rel)
+    assert rel < (0.05 if mode == "int8" else 0.3), rel
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, bar", [("int8", 0.98), ("int4", 0.90)])
+def test_top1_agreement_on_the_0_5b_architecture(mode, bar):
+    """Random 0.5B weights with a fitted (untied) lm_head; the issue's bars on the full-size shapes."""
+    config = preset("0.5b")
+    config = config.replace(tie_word_embeddings=False, text=dataclasses.replace(config.text, tie_word_embeddings=False))
+    base = LlavaOnevision.from_params(config, random_params(config, seed=0))
+    ids, mask, media = _prompt_set(config, np.random.default_rng(5))
+    params = confident_params(base, ids, mask, media, steps=60)
+    reference = LlavaOnevision.from_params(config, params, "bfloat16")
+    qparams, qconfig = quantize_params(reference.params, reference.config, QuantConfig(mode))
+    top1, rel = agreement(reference, LlavaOnevision(qconfig, qparams, "bfloat16"), ids, mask, media)
+    print(f"0.5B {mode}: top-1 agreement {top1:.4f}, logit relative error {rel:.4f}")
+    assert top1 >= bar, (top1, rel)
+
+
+@pytest.mark.slow
+def test_logit_error_on_the_0_5b_language_model():
+    """The README's 0.5B numbers: random 0.5B language model (tiny tower), text prompts, random lm_head.
+    Measured: bf16 vs f32 97.7% / 0.025, int8 vs bf16 88.7% / 0.060, int4 (group 128) 12.1% / 0.65: random
+    layers amplify weight noise, so int8 is held to bf16's error scaled by its noise, int4 is reported only."""
+    config = preset("0.5b").replace(vision=preset("tiny").vision)
+    float32 = random_params(config, seed=0)
+    ids = np.random.default_rng(0).integers(1, 150000, (4, 64))
+    exact = np.asarray(LlavaOnevision.from_params(config, float32)(ids).logits).reshape(-1, config.text.vocab_size)
+    reference = LlavaOnevision.from_params(config, float32, "bfloat16")
+    del float32
+    ref = np.asarray(reference(ids).logits).reshape(exact.shape)
+    bf16_error = np.linalg.norm(ref - exact) / np.linalg.norm(exact)
+    for mode in ("int8", "int4"):
+        params, quantized = quantize_params(reference.params, config, QuantConfig(mode, 128))
+        got = np.asarray(LlavaOnevision(quantized, params, "bfloat16")(ids).logits).reshape(exact.shape)
+        top1, rel = (got.argmax(-1) == ref.argmax(-1)).mean(), np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        print(f"0.5B LM {mode}: top-1 agreement with bf16 {top1:.4f}, logit relative error {rel:.4f} "
+              f"(bf16 vs f32: {bf16_error:.4f})")
+        if mode == "int8":
+            assert rel < 4 * bf16_error and top1 >= 0.85, (top1, rel)
+
+
+# --- storage ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_orbax_round_trip_is_exact(tiny_ckpt, tmp_path, mode):
+    model = LlavaOnevision.from_pretrained(tiny_ckpt, dtype="bfloat16", quantization=mode, group_size=TINY_GROUP)
+    save_orbax(model.params, model.config, tmp_path / "q", files_from=tiny_ckpt)
+    config, params = load_orbax(tmp_path / "q", dtype="bfloat16")
+    assert config == model.config
+    check_tree(params, config)
+    assert_trees_equal(params, model.params)
+    assert jax.tree.map(lambda x: x.dtype, params) == jax.tree.map(lambda x: x.dtype, model.params)
+
+
+@pytest.mark.parametrize("mode, vision", [("int8", False), ("int4", True)])
+def test_convert_quantize_writes_what_from_pretrained_quantizes(tiny_ckpt_tied, tmp_path, mode, vision):
+    dst = tmp_path / "converted"
+    args = [sys.executable, "-m", "ov_jax.cli", "convert", str(tiny_ckpt_tied), str(dst), "--quantize", mode,
+            "--group-size", str(TINY_GROUP), "--no-progress"] + (["--quantize-vision"] if vision else [])
+    result = subprocess.run(args, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    loaded = LlavaOnevision.from_pretrained(dst)  # no quantization argument: the directory says it
+    direct = LlavaOnevision.from_pretrained(tiny_ckpt_tied, quantization=mode, group_size=TINY_GROUP,
+                                            quantize_vision=vision)
+    assert loaded.config == direct.config and loaded.config.quantization.vision == vision
+    assert_trees_equal(loaded.params, direct.params)
+    kind = jnp.int8 if mode == "int8" else jnp.uint8
+    assert loaded.params["vision"]["layers"]["fc1"]["kernel"].dtype == (kind if vision else jnp.float32)
+    with pytest.raises(ValueError, match="quantized as"):
+        LlavaOnevision.from_pretrained(dst, quantization="int8" if mode == "int4" else "int4")
+    with pytest.raises(ValueError, match="weights are quantized"):
+        loaded.save_pretrained(tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_bad_group_size_and_mode_are_clear_errors(tiny_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="group_size 48 does not divide the input size 64 of text.layers.q"):
+        LlavaOnevision.from_pretrained(tiny_ckpt, quantization="int4", group_size=48)
+    with pytest.raises(ValueError, match="positive even integer"):
+        QuantConfig("int4", 7)
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        LlavaOnevision.from_pretrained(tiny_ckpt, quantization="int3")
+    result = subprocess.run([sys.executable, "-m", "ov_jax.cli", "convert", str(tiny_ckpt), str(tmp_path / "x"),
+                             "--quantize", "int4", "--group-size", "48", "--no-progress"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: int4 group_size 48 does not divide") and "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+# --- engine and sharding ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_engine_serving_copies_stay_quantized_and_match_the_forward(tiny_ckpt_tied, mode):
+    from ov_jax.engine import Buckets, Engine
+
+    model = LlavaOnevision.from_pretrained(tiny_ckpt_tied, quantization=mode, group_size=TINY_GROUP)
+    ids = np.random.default_rng(1).integers(30, 300, (2, 20))
+    engine = Engine(model.config, model.params, model.dtype, Buckets(batch=(2,), prompt=(32,), cache=(64,)))
+    kind = jnp.int8 if mode == "int8" else jnp.uint8
+    assert engine._layers[0]["gate_up"]["weight"]["kernel"].dtype == kind
+    assert engine._decode_params["text"]["lm_head_t"]["kernel"].dtype == kind  # the tied embedding itself
+    tokens = engine.generate(ids, max_new_tokens=6, stop_token_ids=[])
+    # teacher-forced: the forward over prompt + generated tokens predicts each generated token greedily
+    logits = model(np.concatenate([ids, tokens[:, :-1]], axis=1)).logits[:, ids.shape[1] - 1:]
+    np.testing.assert_array_equal(np.asarray(logits.argmax(-1)), tokens)
+
+
+@pytest.mark.parametrize("mode, layout", [("int4", "unrolled"),
+                                          pytest.param("int8", "scanned", marks=pytest.mark.slow)])
+def test_sharded_quantized_generation_equals_unsharded(tiny_ckpt, mode, layout):
+    from ov_jax.engine import Buckets, engine_for
+
+    assert len(jax.devices()) == 8
+    model = LlavaOnevision.from_pretrained(tiny_ckpt, quantization=mode, group_size=TINY_GROUP)
+    ids, mask, media = _prompt_set(model.config, np.random.default_rng(2), image=False)
+    buckets = Buckets(batch=(4,), prompt=(512,), cache=(528,), tower_chunk=2)
+    want = engine_for(model, buckets, layout=layout).generate(ids, mask, **media, max_new_tokens=12,
+                                                               stop_token_ids=[])
+    assert len(np.unique(want)) > 4
+    sharded = LlavaOnevision.from_pretrained(tiny_ckpt, mesh="data=2,tensor=4", quantization=mode,
+                                             group_size=TINY_GROUP)
+    scale = sharded.params["text"]["layers"]["gate"]["kernel_scale"]
+    assert scale.sharding.spec[-1] == "tensor"  # the scales shard with their output axis (mlp)
+    got = engine_for(sharded, buckets, layout=layout).generate(ids, mask, **media, max_new_tokens=12,
+                                                                stop_token_ids=[])
+    np.testing.assert_array_equal(got, want)
+
+
+# --- benchmark -------------------------------------------------------------------------------------------
+
+
+def test_quantization_benchmark_dry_run(tmp_path):
+    """benchmarks/bench_quant.py on its tiny preset (the real run is the 0.5B architecture): one quantized
+    ov_jax format and torch's int8 path, the table printed and the JSON written."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "quant.json"
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_quant.py"), "--preset", "tiny",
+                             "--formats", "ov_jax int4,transformers int8 (torch dynamic)", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"ov_jax int4", "transformers int8 (torch dynamic)"}
+    assert all("decode_tok_s_b8" in run and run["peak_rss_gb"] > 0 for run in runs.values()), runs
+    assert "| ov_jax int4 |" in result.stdout and "avx512f" in result.stdout
