@@ -84,13 +84,12 @@ def decoder_in_place(params, x, positions, key_valid, config, cache, write_index
     second cache as a temporary (measured as the decode temp of "scan" vs "carry")."""
     t = x.shape[1]
     cos, sin = rope_tables(positions, config.head_dim, config.rope_theta, x.dtype)
-    slots = jnp.broadcast_to(write_index + jnp.arange(t), (x.shape[0], t))
-    mask = qwen2.attention_mask(key_valid, slots, jnp.arange(key_valid.shape[1]))
+    meta = qwen2.decoder_meta(key_valid, t, write_index)
 
     def body(i, carry):
         h, ks, vs = carry
         layer = jax.tree.map(lambda a: a[i], params["layers"])
-        h, (k, v) = qwen2.decoder_layer(h, layer, cos, sin, mask, config, (ks[i], vs[i]), write_index)
+        h, (k, v) = qwen2.decoder_layer(h, layer, cos, sin, meta, config, (ks[i], vs[i]), write_index)
         return h, ks.at[i].set(k), vs.at[i].set(v)
 
     x, ks, vs = jax.lax.fori_loop(0, config.num_hidden_layers, body, (x, cache.k, cache.v))

@@ -19,6 +19,7 @@ from ov_jax.config import OneVisionConfig
 from ov_jax.generation import GenerationConfig
 from ov_jax.media_plan import build_media_plan
 from ov_jax.modeling import llava, lm_head
+from ov_jax.nn.backends import platform_of, resolve_attention
 from ov_jax.params import LoraSpec, check_tree, param_specs
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -90,28 +91,33 @@ class LlavaOnevision:
     source_dir: os.PathLike | None = None  # the checkpoint directory from_pretrained read (its files are exported)
 
     def __init__(self, config: OneVisionConfig, params: dict, dtype: Any = jnp.float32, lora: LoraSpec | None = None,
-                 generation_config: GenerationConfig | None = None):
+                 generation_config: GenerationConfig | None = None, attention: str = "auto"):
         """``params`` in the `ov_jax.params` layout (with ``lora``'s adapters, `ov_jax.nn.lora.add_lora`), stored
         in any float dtype; ``dtype`` is the compute dtype of every call (e.g. float32 master weights with a
-        bfloat16 forward). Raises ``ValueError`` when the tree does not match the config."""
+        bfloat16 forward). ``attention``: the attention backend of every call and of the engine, one of
+        ``"auto"``, ``"xla"``, ``"cpu"``, ``"cudnn"``, ``"splash"`` (`ov_jax.nn.backends`); ``"auto"`` picks
+        ``cpu`` on CPU, ``cudnn`` on GPU in bfloat16 / float16 (``xla`` in float32) and ``splash`` on TPU. The
+        resolved name is :attr:`attention`. Raises ``ValueError`` when the tree does not match the config, and
+        `ov_jax.nn.backends.AttentionBackendError` (a ``ValueError``) for an unknown or unavailable backend."""
         check_tree(params, config, lora)
         self.config = config
         self.params = params
         self.dtype = resolve_dtype(dtype)
+        self.attention = attention
         self.lora = lora
         self.generation_config = generation_config or GenerationConfig.from_text_config(config.text)
 
     @classmethod
     def from_params(cls, config: OneVisionConfig, params: dict, dtype: Any = jnp.float32,
-                    generation_config: GenerationConfig | None = None) -> "LlavaOnevision":
+                    generation_config: GenerationConfig | None = None, attention: str = "auto") -> "LlavaOnevision":
         dtype = resolve_dtype(dtype)
         return cls(config, jax.tree.map(lambda x: jnp.asarray(x, dtype), params), dtype,
-                   generation_config=generation_config)
+                   generation_config=generation_config, attention=attention)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, dtype: Any = jnp.float32, mesh: Any = None,
                         verify: bool = True, quantization: str | None = None, group_size: int = 128,
-                        quantize_vision: bool = False, **kwargs) -> "LlavaOnevision":
+                        quantize_vision: bool = False, attention: str = "auto", **kwargs) -> "LlavaOnevision":
         """Load a transformers checkpoint directory, a converted orbax directory, or a hub id.
 
         ``mesh``: a ``jax.sharding.Mesh`` with axes data / fsdp / tensor, a string such as ``"data=2,tensor=4"``
@@ -124,13 +130,16 @@ class LlavaOnevision:
         the projector's), see `ov_jax.nn.quant`. A directory converted with ``--quantize`` loads straight into
         its quantized form (``quantization`` may be omitted, or must match); other sources are read in float
         and then quantized (peak memory: the float weights). ``ValueError`` for an unknown mode, a group size
-        that does not divide a weight's input size, or a mismatch with a quantized directory.
+        that does not divide a weight's input size, or a mismatch with a quantized directory. ``attention``: the
+        attention backend (see :class:`LlavaOnevision`); an unknown or unavailable one is an error before any
+        weight loads.
         """
         from ov_jax import loading
         from ov_jax.config import QuantConfig, load_config
         from ov_jax.hub import resolve_checkpoint
 
         dtype = resolve_dtype(dtype)
+        resolve_attention(attention, jax.default_backend(), dtype)
         quant = None if quantization is None else QuantConfig(quantization, group_size, quantize_vision)
         path = resolve_checkpoint(path_or_id)
         converted = _is_converted(path)
@@ -160,7 +169,8 @@ class LlavaOnevision:
                 from ov_jax import sharding
 
                 params = sharding.shard_params(params, config, mesh)
-        model = cls(config, params, dtype, generation_config=GenerationConfig.from_pretrained(path, config.text))
+        model = cls(config, params, dtype, generation_config=GenerationConfig.from_pretrained(path, config.text),
+                    attention=attention)
         model.source_dir = path
         return model
 
@@ -181,6 +191,17 @@ class LlavaOnevision:
         return export.save_pretrained(self.config, self.params, directory, source=self.source_dir, dtype=dtype,
                                       max_shard_size=max_shard_size, overwrite=overwrite)
 
+    @property
+    def attention(self) -> str:
+        """The resolved attention backend name; assigning a choice (``"auto"``, ``"xla"``, …) resolves it and
+        makes the next call, and the engine, use it."""
+        return self._attention
+
+    @attention.setter
+    def attention(self, choice: str) -> None:
+        self._attention = resolve_attention(choice, platform_of(self.params), self.dtype)
+        self.__dict__.pop("_jit_hidden", None)
+
     @functools.cached_property
     def _jit_logits(self):
         def logits(text, hidden, keep_index, keep_last):
@@ -195,7 +216,8 @@ class LlavaOnevision:
 
     @functools.cached_property
     def _jit_hidden(self):
-        return jax.jit(functools.partial(llava.hidden_states, config=self.config, dtype=self.dtype))
+        return jax.jit(functools.partial(llava.hidden_states, config=self.config, dtype=self.dtype,
+                                         attention=self.attention))
 
     def _inputs(self, input_ids, attention_mask, pixel_values, image_sizes, batch_num_images, pixel_values_videos,
                 position_ids) -> tuple:

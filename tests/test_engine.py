@@ -201,18 +201,18 @@ def test_sampling_is_reproducible_per_seed(model):
 def test_blocked_causal_prefill_attention_equals_the_full_square():
     import jax.numpy as jnp
 
-    from ov_jax.engine.steps import causal_block_attention
-    from ov_jax.modeling.layers import attention, attention_by_head
-    from ov_jax.modeling.qwen2 import attention_mask
+    from ov_jax.modeling.layers import attention
+    from ov_jax.nn.attention import AttentionMeta, causal_block_attention
+    from ov_jax.nn.backends.cpu import attention_by_head
 
     rng = np.random.default_rng(8)
     b, t, hd = 2, 700, 16
     q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, hd), np.float32)) for n in (4, 2, 2))
     valid = np.arange(t)[None] >= np.array([[0], [250]])  # second row left-padded
-    mask = attention_mask(jnp.asarray(valid), jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.arange(t))
-    full, blocked = attention(q, k, v, mask), causal_block_attention(q, k, v, mask, block=128)
+    mask = AttentionMeta(causal=True, key_valid=jnp.asarray(valid)).mask(t, t)
+    full, blocked = attention(q, k, v, mask), causal_block_attention(q, k, v, mask, attention, block=128)
     np.testing.assert_allclose(np.asarray(blocked)[valid], np.asarray(full)[valid], atol=2e-6)
-    by_head = causal_block_attention(q, k, v, mask, block=128, attend=attention_by_head)
+    by_head = causal_block_attention(q, k, v, mask, attention_by_head, block=128)
     np.testing.assert_allclose(np.asarray(by_head)[valid], np.asarray(full)[valid], atol=2e-6)
 
 
@@ -222,8 +222,8 @@ def test_decode_attention_equals_the_model_attention(rows, slots):
     ``layers.attention`` on the sequence-major layout, with left padding and unwritten slots masked."""
     import jax.numpy as jnp
 
-    from ov_jax.engine.steps import LONG_CACHE_ROW_SLOTS, _decode_attention
     from ov_jax.modeling.layers import attention
+    from ov_jax.nn.backends.cpu import LONG_CACHE_ROW_SLOTS, decode_attention
 
     assert (rows * slots >= LONG_CACHE_ROW_SLOTS) == (slots == 4096)
     rng = np.random.default_rng(slots)
@@ -231,7 +231,7 @@ def test_decode_attention_equals_the_model_attention(rows, slots):
     k, v = (jnp.asarray(rng.standard_normal((rows, slots, 2, 16), np.float32) * 3) for _ in range(2))
     starts, ends = rng.integers(0, slots // 2, rows), rng.integers(slots // 2, slots, rows)
     valid = (np.arange(slots)[None] >= starts[:, None]) & (np.arange(slots)[None] < ends[:, None])
-    ours = _decode_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), jnp.asarray(valid))
+    ours = decode_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), jnp.asarray(valid))
     expected = attention(q, k, v, jnp.asarray(valid)[:, None, :])
     np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), atol=1e-5)  # values up to ~10
 
@@ -242,7 +242,8 @@ def test_per_head_attention_equals_the_batched_one(heads, kv_heads, masked):
     bidirectional (no mask) and arbitrary masks."""
     import jax.numpy as jnp
 
-    from ov_jax.modeling.layers import attention, attention_by_head
+    from ov_jax.modeling.layers import attention
+    from ov_jax.nn.backends.cpu import attention_by_head
 
     rng = np.random.default_rng(heads)
     q = jnp.asarray(rng.standard_normal((2, 9, heads, 8), np.float32))

@@ -14,6 +14,7 @@ import pytest
 from ov_jax.config import OneVisionConfig, TextConfig, VisionConfig
 from ov_jax.modeling import llava
 from ov_jax.modeling.layers import attention
+from ov_jax.nn import attention as attention_api
 from ov_jax.nn.flash import flash_attention, token_segments
 from ov_jax.params import random_params
 
@@ -76,6 +77,28 @@ def test_bad_shapes_are_named():
         flash_attention(q, jnp.zeros((1, 8, 3, 8)), jnp.zeros((1, 8, 3, 8)))
     with pytest.raises(ValueError, match="block"):
         flash_attention(q, jnp.zeros((1, 8, 2, 8)), jnp.zeros((1, 8, 2, 8)), block=0)
+
+
+@pytest.mark.parametrize("backend", ["xla", "cpu"])
+def test_backends_run_the_causal_forward_as_flash_and_prefill_by_query_blocks(backend):
+    """The ``xla`` / ``cpu`` backends' causal self-attention is flash (equal to it, and no ``[B, T, T]`` mask in
+    the program); a prefill (``meta.prefill``) keeps the dense-mask query blocks, with the same values on every
+    real query. ``T`` = 600 > flash's 512-slot block, so only a dense mask is ``T × T``."""
+    rng = np.random.default_rng(1)
+    b, t, nh, nkv, hd = 2, 600, 4, 2, 8
+    q = jnp.asarray(rng.standard_normal((b, t, nh, hd)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, t, nkv, hd)), jnp.float32) for _ in range(2))
+    valid = jnp.asarray(np.arange(t)[None] >= np.array([[0], [37]]))
+    dense_mask = f"bool[{b},{t},{t}]"
+    results = {}
+    for prefill in (False, True):
+        meta = attention_api.AttentionMeta(causal=True, key_valid=valid, prefill=prefill)
+        program = str(jax.make_jaxpr(lambda q, k, v: attention_api.attention(q, k, v, meta, backend))(q, k, v))
+        assert (dense_mask in program) == prefill, (prefill, dense_mask)
+        results[prefill] = np.asarray(attention_api.attention(q, k, v, meta, backend))
+    np.testing.assert_array_equal(results[False], np.asarray(flash_attention(q, k, v, token_segments(valid))))
+    real = np.asarray(valid)
+    assert np.abs(results[False] - results[True])[real].max() <= 1e-5
 
 
 def test_memory_at_8192_tokens_is_blockwise():

@@ -15,11 +15,15 @@ def engine_for(model, buckets: Buckets | None = None, **options) -> Engine:
     It always serves the model's live ``params`` and ``generation_config``: after either is reassigned (or a
     params leaf replaced) the serving copies are re-derived, keeping the compiled executables when the new tree
     has the same shapes, dtypes and shardings (a fresh engine with the same buckets and options otherwise).
+    Its attention backend is the model's (``model.attention``; a new choice builds a new engine).
     """
     engine = model.__dict__.get("_engine")
+    if engine is not None and engine.attention != model.attention:
+        buckets, options = buckets or engine.buckets, options or model.__dict__["_engine_options"]
+        engine = None
     if engine is None or buckets is not None or options:
         engine = Engine(model.config, model.params, model.dtype, buckets,
-                        generation_config=model.generation_config, **options)
+                        generation_config=model.generation_config, attention=model.attention, **options)
         model.__dict__["_engine"] = engine
         model.__dict__["_engine_options"] = options
     elif not engine.serves(model.params):
@@ -27,7 +31,8 @@ def engine_for(model, buckets: Buckets | None = None, **options) -> Engine:
             engine.use_params(model.params)
         else:
             engine = Engine(model.config, model.params, model.dtype, engine.buckets,
-                            generation_config=model.generation_config, **model.__dict__["_engine_options"])
+                            generation_config=model.generation_config, attention=model.attention,
+                            **model.__dict__["_engine_options"])
             model.__dict__["_engine"] = engine
     engine.generation_config = model.generation_config
     return engine

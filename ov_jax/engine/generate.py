@@ -34,7 +34,7 @@ from ov_jax.engine.streaming import as_sink
 from ov_jax.generation import GenerationConfig, GenerationConfigError, check_max_positions, infer_attention_mask
 from ov_jax.media_plan import build_media_plan
 from ov_jax.modeling import qwen2
-from ov_jax.modeling.layers import attention, attention_by_head
+from ov_jax.nn.backends import platform_of, resolve_attention
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,9 @@ class Engine:
     and clearly faster when the host is busy, since no host thread has to be scheduled per token) or
     ``"python"`` (a jitted step per token); a streamer always uses the Python loop.
     ``generation_config`` (`ov_jax.generation.GenerationConfig`, default: the text config's ids) supplies the
-    stop and pad ids and the sampling defaults of :meth:`generate`.
+    stop and pad ids and the sampling defaults of :meth:`generate`. ``attention``: the attention backend of the
+    tower, prefill and decode (`ov_jax.nn.backends`: ``"auto"``, ``"xla"``, ``"cpu"``, ``"cudnn"``,
+    ``"splash"``; resolved for the params' platform and ``dtype``, an unavailable one raises ``ValueError``).
 
     The serving copies of the weights are derived from ``params``; :meth:`use_params` re-derives them from a
     new tree of the same shapes, dtypes and shardings and keeps every compiled executable.
@@ -88,13 +90,14 @@ class Engine:
 
     def __init__(self, config: OneVisionConfig, params: dict, dtype: Any = jnp.float32,
                  buckets: Buckets | None = None, *, layout: str | None = None, loop: str = "device",
-                 generation_config: GenerationConfig | None = None, mesh: Any = None):
+                 generation_config: GenerationConfig | None = None, mesh: Any = None, attention: str = "auto"):
         compilation_cache_from_environment()
         self.config = config
         self.mesh = sh.make_mesh(mesh) if mesh is not None else sh.mesh_of(params)
         self.dtype = jnp.dtype(dtype)
         self.buckets = buckets or Buckets()
-        self.platform = _platform(params)
+        self.platform = platform_of(params)
+        self.attention = resolve_attention(attention, self.platform, self.dtype)
         self.layout = layout or ("unrolled" if self.platform == "cpu" else "scanned")
         if self.layout not in steps.LAYOUTS:
             raise ValueError(f"layout must be one of {steps.LAYOUTS}, got {self.layout!r}")
@@ -102,8 +105,6 @@ class Engine:
             raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
         self.loop = loop
         self.generation_config = generation_config or GenerationConfig.from_text_config(config.text)
-        # XLA:CPU runs per-head 2-D attention products ~2x faster than batched einsums (layers.attention_by_head)
-        self._attend = attention_by_head if self.platform == "cpu" else attention
         self.tower_chunk = self.buckets.resolved_chunk(self.platform)
         if self.mesh is not None:  # the tower runs data-parallel over the chunk: a multiple of the data axes
             multiple = sh.axis_multiple(self.mesh, "tiles")
@@ -182,7 +183,7 @@ class Engine:
         c, v = self.tower_chunk, self.config.vision
         tiles = self._spec((c, v.num_channels, v.image_size, v.image_size), np.float32, "tower_inputs")
         args = (self._media_params, tiles)
-        fn = functools.partial(steps.encode_tiles, config=self.config, dtype=self.dtype, attend=self._attend)
+        fn = functools.partial(steps.encode_tiles, config=self.config, dtype=self.dtype, attention=self.attention)
         return self._executable("encode", (c,), fn, args)
 
     def _media_add(self, b: int, t: int):
@@ -197,7 +198,7 @@ class Engine:
         h = self.config.text.hidden_size
         args = (self._prefill_params, self._spec((b, t), np.int32, "tokens"), self._spec((b, t), bool, "tokens"),
                 self._spec((b, t, h), np.float32, "hidden"), self._spec((b, t), bool, "tokens"))
-        fn = functools.partial(steps.prefill, config=self.config, dtype=self.dtype, attend=self._attend)
+        fn = functools.partial(steps.prefill, config=self.config, dtype=self.dtype, attention=self.attention)
         return self._executable("prefill", (b, t), fn, args)
 
     def _prompt_kv_spec(self, b: int, t: int) -> qwen2.KVCache:
@@ -227,13 +228,15 @@ class Engine:
 
     def _decode_step(self, b: int, s: int, mode: SamplingMode):
         args = (self._decode_params, self._layers, self._cache_spec(b, s), self._state_spec(b, s), self._rules_spec())
-        fn = functools.partial(steps.decode_step, mode=mode, config=self.config, dtype=self.dtype)
+        fn = functools.partial(steps.decode_step, mode=mode, config=self.config, dtype=self.dtype,
+                               attention=self.attention)
         return self._executable("decode_step", (b, s, mode.name), fn, args, donate=(2,))
 
     def _decode_loop(self, b: int, s: int, mode: SamplingMode):
         args = (self._decode_params, self._layers, self._cache_spec(b, s), self._state_spec(b, s), self._rules_spec(),
                 self._spec((), np.int32))
-        fn = functools.partial(steps.decode_loop, mode=mode, config=self.config, dtype=self.dtype)
+        fn = functools.partial(steps.decode_loop, mode=mode, config=self.config, dtype=self.dtype,
+                               attention=self.attention)
         return self._executable("decode_loop", (b, s, mode.name), fn, args, donate=(2, 3))
 
     # --- requests ----------------------------------------------------------------------------------------
@@ -417,11 +420,6 @@ def params_signature(params: dict) -> tuple:
     sharding (not the values)."""
     leaves, treedef = jax.tree.flatten(params)
     return treedef, tuple((tuple(np.shape(x)), jnp.result_type(x), getattr(x, "sharding", None)) for x in leaves)
-
-
-def _platform(params: dict) -> str:
-    leaf = jax.tree.leaves(params)[0]
-    return next(iter(leaf.devices())).platform if isinstance(leaf, jax.Array) else jax.default_backend()
 
 
 def _spec(shape, dtype) -> jax.ShapeDtypeStruct:

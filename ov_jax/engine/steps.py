@@ -10,14 +10,14 @@ Shapes depend only on buckets. Two KV-cache layouts:
   layout turns decode attention into slow batched matvecs, and XLA:CPU's matmuls stream ``[out, in]``
   weights fastest; the copies cost one more set of decoder weights in memory.
 
-Prefill runs the reference path (``qwen2.decoder`` with a prompt-length cache) with a blocked causal
-attention (:func:`causal_block_attention`, exact); decode reuses the same building blocks.
+Prefill runs the reference path (``qwen2.decoder`` with a prompt-length cache); decode reuses the same building
+blocks. Every attention goes through `ov_jax.nn.attention.attention` with the engine's backend (``attention``,
+a name resolved by `ov_jax.nn.backends.resolve_attention`); the unrolled layout's heads-major cache is read
+with ``kv_layout="BNSH"``.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -28,8 +28,9 @@ from ov_jax.config import OneVisionConfig
 from ov_jax.engine.sampling import SamplingMode, choose_tokens
 from ov_jax.media_plan import NEWLINE_ROW
 from ov_jax.modeling import llava, qwen2
-from ov_jax.modeling.layers import NEG_INF, apply_rope, attention, rms_norm, rope_tables
-from ov_jax.nn.attention import causal_block_attention
+from ov_jax.modeling.layers import apply_rope, rms_norm, rope_tables
+from ov_jax.nn.attention import AttentionMeta
+from ov_jax.nn.attention import attention as attend
 from ov_jax.nn.linear import concat_matrices, has_lora, matmul, merge_leaf, serving_matrix
 
 LAYOUTS = ("unrolled", "scanned")
@@ -106,9 +107,10 @@ def media_start(params: dict, tap_index: jax.Array, tap_weight: jax.Array) -> ja
     return weight[..., None] * params["image_newline"].astype(jnp.float32)
 
 
-def encode_tiles(params: dict, tiles: jax.Array, config: OneVisionConfig, dtype, attend=attention) -> jax.Array:
+def encode_tiles(params: dict, tiles: jax.Array, config: OneVisionConfig, dtype, attention: str = "xla"
+                 ) -> jax.Array:
     """Projected tower features of a chunk of tiles/frames, flattened to rows ``[C·729, H]``."""
-    feats = llava.media_features(params, tiles, config, dtype, attend)
+    feats = llava.media_features(params, tiles, config, dtype, attention)
     return feats.reshape(-1, feats.shape[-1])
 
 
@@ -125,7 +127,8 @@ def media_add(rows: jax.Array, features: jax.Array, tap_index: jax.Array, tap_we
 # --- prefill -----------------------------------------------------------------------------------------------
 
 def prefill(params: dict, input_ids: jax.Array, attention_mask: jax.Array, media_rows: jax.Array,
-            is_media: jax.Array, config: OneVisionConfig, dtype, attend=attention) -> tuple[jax.Array, qwen2.KVCache]:
+            is_media: jax.Array, config: OneVisionConfig, dtype, attention: str = "xla"
+            ) -> tuple[jax.Array, qwen2.KVCache]:
     """Prompt → float32 logits of the last slot ``[B, V]`` and the prompt's KV ``[L, B, T, nkv, hd]``.
 
     Left padding puts every row's last token in the last slot. Positions are ``cumsum(mask) - 1`` (pads 0).
@@ -136,8 +139,7 @@ def prefill(params: dict, input_ids: jax.Array, attention_mask: jax.Array, media
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
     b, t = input_ids.shape
     cache = qwen2.init_cache(config.text, b, t, dtype)
-    hidden, cache = qwen2.decoder(text, embeds, positions, attention_mask, config.text, cache, 0,
-                                  attend=functools.partial(causal_block_attention, attend=attend))
+    hidden, cache = qwen2.decoder(text, embeds, positions, attention_mask, config.text, cache, 0, attention)
     return qwen2.lm_logits(text, hidden[:, -1:])[:, 0], cache
 
 
@@ -178,37 +180,17 @@ def _emit(state: DecodeState, logits: jax.Array, rules: TokenRules, mode: Sampli
 # --- decode ------------------------------------------------------------------------------------------------
 
 
-# From this many rows x cache slots on, decode attention takes the cache as the left operand of its score
-# product (XLA:CPU, 0.5B heads: batch 8 x 4096 slots 30% faster, batch 8 x 1024 even, batch 1 x 2048 slower).
-LONG_CACHE_ROW_SLOTS = 16384
-
-
-def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array) -> jax.Array:
-    """One query per row against a heads-major cache ``[B, nkv, S, hd]``; same numerics as ``layers.attention``
-    (up to summation order). Scores are ``[B, nkv, G, S]``, or ``[B, nkv, S, G]`` for large batch x cache."""
-    b, _, nh, hd = q.shape
-    nkv, slots = k.shape[1], k.shape[2]
-    qg = q.reshape(b, nkv, nh // nkv, hd)
-    scale = 1.0 / math.sqrt(hd)
-    if b * slots >= LONG_CACHE_ROW_SLOTS:
-        scores = jnp.einsum("bnsd,bngd->bnsg", k, qg, preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(key_valid[:, None, :, None], scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=2).astype(q.dtype)
-        return jnp.einsum("bnsg,bnsd->bngd", probs, v).reshape(b, 1, nh, hd)
-    scores = jnp.einsum("bngd,bnsd->bngs", qg, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(key_valid[:, None, None, :], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("bngs,bnsd->bngd", probs, v).reshape(b, 1, nh, hd)
 
 
 def _decode_unrolled(layers: list[dict], cache: qwen2.KVCache, x: jax.Array, cos, sin, key_valid: jax.Array,
-                     write_index: jax.Array, config) -> tuple[jax.Array, qwen2.KVCache]:
+                     write_index: jax.Array, config, backend: str) -> tuple[jax.Array, qwen2.KVCache]:
     """All decoder layers for one token per row on :func:`serving_layers` weights.
 
     Activations are feature-major, ``x [H, B]``, so every weight product is ``W @ x`` with no transpose of
     its output (layout assignment would fold one back into the product and undo the faster form)."""
     eps, b = config.rms_norm_eps, x.shape[1]
     nh, nkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    meta = AttentionMeta(causal=True, key_valid=key_valid, write_index=write_index, kv_layout="BNSH")
     new_k, new_v = [], []
     for lp, ck, cv in zip(layers, cache.k, cache.v):
         h = rms_norm(x, lp["input_norm"], eps, axis=0)
@@ -220,7 +202,7 @@ def _decode_unrolled(layers: list[dict], cache: qwen2.KVCache, x: jax.Array, cos
         slot = (0, 0, write_index, 0)
         ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), slot)
         cv = jax.lax.dynamic_update_slice(cv, v[:, :, None].astype(cv.dtype), slot)
-        attended = _decode_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), key_valid)
+        attended = attend(q, ck.astype(q.dtype), cv.astype(q.dtype), meta, backend)
         x = x + matmul(lp["o"]["weight"], attended.reshape(b, nh * hd).T)
         h = rms_norm(x, lp["post_norm"], eps, axis=0)
         gate, up = jnp.split(matmul(lp["gate_up"]["weight"], h), 2, axis=0)
@@ -230,29 +212,37 @@ def _decode_unrolled(layers: list[dict], cache: qwen2.KVCache, x: jax.Array, cos
     return x, qwen2.KVCache(tuple(new_k), tuple(new_v))
 
 
-def decode_step(params: dict, layers: list[dict] | None, cache: Any, state: DecodeState, rules: TokenRules,
-                mode: SamplingMode, config: OneVisionConfig, dtype) -> tuple[Any, DecodeState]:
-    """Feed ``state.tokens`` (one per row), write their KV at ``write_index``, emit the next tokens."""
+def decode_logits(params: dict, layers: list[dict] | None, cache: Any, state: DecodeState, config: OneVisionConfig,
+                  dtype, attention: str = "xla") -> tuple[Any, jax.Array, DecodeState]:
+    """Feed ``state.tokens`` (one per row) and write their KV at ``write_index``: the cache, float32 logits
+    ``[B, V]`` of the next token, and the state advanced by one slot (its ``tokens`` not yet chosen)."""
     text = params["text"]
     w = state.write_index
     key_valid = jax.lax.dynamic_update_slice(state.key_valid, jnp.ones((state.tokens.shape[0], 1), bool), (0, w))
     x = qwen2.embed_tokens(text, state.tokens[:, None], dtype)
     if layers is None:
-        hidden, cache = qwen2.decoder(text, x, state.positions[:, None], key_valid, config.text, cache, w)
+        hidden, cache = qwen2.decoder(text, x, state.positions[:, None], key_valid, config.text, cache, w, attention)
         logits = qwen2.lm_logits(text, hidden)[:, 0]
     else:
         cos, sin = rope_tables(state.positions[:, None], config.text.head_dim, config.text.rope_theta, dtype)
-        hidden, cache = _decode_unrolled(layers, cache, x[:, 0].T, cos, sin, key_valid, w, config.text)
+        hidden, cache = _decode_unrolled(layers, cache, x[:, 0].T, cos, sin, key_valid, w, config.text, attention)
         hidden = rms_norm(hidden, text["norm"], config.text.rms_norm_eps, axis=0)
         # the barrier keeps the [V, B] product in its fast form; the transpose after it is a small copy
         logits = jax.lax.optimization_barrier(matmul(text["lm_head_t"], hidden, jnp.float32)).T
     state = state._replace(key_valid=key_valid, positions=state.positions + 1, write_index=w + 1,
                            step=state.step + 1)
+    return cache, logits, state
+
+
+def decode_step(params: dict, layers: list[dict] | None, cache: Any, state: DecodeState, rules: TokenRules,
+                mode: SamplingMode, config: OneVisionConfig, dtype, attention: str = "xla") -> tuple[Any, DecodeState]:
+    """Feed ``state.tokens`` (one per row), write their KV at ``write_index``, emit the next tokens."""
+    cache, logits, state = decode_logits(params, layers, cache, state, config, dtype, attention)
     return cache, _emit(state, logits, rules, mode)
 
 
 def decode_loop(params: dict, layers: list[dict] | None, cache: Any, state: DecodeState, rules: TokenRules,
-                max_new_tokens: jax.Array, mode: SamplingMode, config: OneVisionConfig, dtype
+                max_new_tokens: jax.Array, mode: SamplingMode, config: OneVisionConfig, dtype, attention: str = "xla"
                 ) -> tuple[Any, DecodeState, jax.Array]:
     """Decode on device (``lax.while_loop``) until every row is done or ``max_new_tokens`` tokens exist.
 
@@ -267,7 +257,7 @@ def decode_loop(params: dict, layers: list[dict] | None, cache: Any, state: Deco
 
     def body(carry):
         cache, st, out = carry
-        cache, st = decode_step(params, layers, cache, st, rules, mode, config, dtype)
+        cache, st = decode_step(params, layers, cache, st, rules, mode, config, dtype, attention)
         out = jax.lax.dynamic_update_slice(out, st.tokens[:, None], (0, st.step))
         return cache, st, out
 

@@ -83,30 +83,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) 
     return out.reshape(b, t, nh, hd)
 
 
-def attention_by_head(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """:func:`attention` (same arguments, same float32 scores and softmax) as one 2-D product per kv head.
-
-    A kv head's query group is contiguous, so ``[T, g, hd]`` → ``[T·g, hd]`` rows need no transpose. XLA:CPU
-    runs these plain matmuls about 2x faster than the batched head-major einsums (measured on the SigLIP
-    shape, 16 heads x 729 tokens); on accelerators keep :func:`attention`.
-    """
-    b, t, nh, hd = q.shape
-    s, nkv = k.shape[1], k.shape[2]
-    g = nh // nkv
-    rows = []
-    for i in range(b):
-        heads = []
-        for n in range(nkv):
-            qn = q[i, :, n * g:(n + 1) * g].reshape(t * g, hd)
-            scores = jnp.dot(qn, k[i, :, n].T, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
-            if mask is not None:
-                scores = jnp.where(jnp.repeat(mask[i], g, axis=0), scores, NEG_INF)
-            probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-            heads.append((probs @ v[i, :, n]).reshape(t, g, hd))
-        rows.append(jnp.concatenate(heads, axis=1))
-    return jnp.stack(rows)
-
-
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,

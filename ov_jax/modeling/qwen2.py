@@ -6,15 +6,15 @@ One function serves a full forward (no cache), prefill (write the cache from slo
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from ov_jax.config import TextConfig
-from ov_jax.modeling.layers import apply_rope, attention, remat_layer, rms_norm, rope_tables
+from ov_jax.modeling.layers import apply_rope, remat_layer, rms_norm, rope_tables
 from ov_jax.modeling.lm_head import lm_logits  # noqa: F401  (the engine reads the head through qwen2)
-from ov_jax.nn.flash import flash_attention, token_segments
+from ov_jax.nn.attention import AttentionMeta, attention
 from ov_jax.nn.linear import embed_rows, linear
 from ov_jax.sharding import active_mesh, constrain
 
@@ -34,14 +34,21 @@ def embed_tokens(params: dict, input_ids: jax.Array, dtype) -> jax.Array:
     return embed_rows(params["embed"], input_ids, dtype)
 
 
-def attention_mask(key_valid: jax.Array, query_slots: jax.Array, key_slots: jax.Array) -> jax.Array:
-    """``[B, T, S]``: causal over slots, and only keys marked valid (not left padding)."""
-    causal = key_slots[None, None, :] <= query_slots[:, :, None]
-    return causal & key_valid[:, None, :]
+def decoder_meta(key_valid: jax.Array, t: int, write_index: jax.Array | int | None = None,
+                 segment_ids: jax.Array | None = None) -> AttentionMeta:
+    """Causal attention metadata of the decoder: self-attention over ``t`` slots (no cache, or a prompt-length
+    cache written from slot 0: ``write_index`` None or the int 0 with ``key_valid [B, t]``), else ``t`` queries
+    at ``write_index …`` against the cache slots ``key_valid [B, S]`` marks. The prompt-length cache is marked
+    ``prefill`` (the ``xla`` / ``cpu`` backends run it by query blocks, the forward without a cache by flash)."""
+    if write_index is None:
+        return AttentionMeta(causal=True, key_valid=key_valid, segment_ids=segment_ids)
+    if isinstance(write_index, int) and write_index == 0 and key_valid.shape[1] == t:
+        return AttentionMeta(causal=True, key_valid=key_valid, segment_ids=segment_ids, prefill=True)
+    return AttentionMeta(causal=True, key_valid=key_valid, write_index=write_index)
 
 
-def decoder_layer(x, lp, cos, sin, mask, config: TextConfig, cache_kv=None, write_index=None,
-                  attend: Callable = attention):
+def decoder_layer(x, lp, cos, sin, meta: AttentionMeta, config: TextConfig, cache_kv=None, write_index=None,
+                  backend: str = "xla"):
     h = rms_norm(x, lp["input_norm"], config.rms_norm_eps)
     q = apply_rope(linear(h, lp["q"]), cos, sin)
     k = apply_rope(linear(h, lp["k"]), cos, sin)
@@ -51,7 +58,7 @@ def decoder_layer(x, lp, cos, sin, mask, config: TextConfig, cache_kv=None, writ
         ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), write_index, axis=1)
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), write_index, axis=1)
         k, v, cache_kv = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv)
-    x = x + linear(attend(q, k, v, mask), lp["o"], n_in=2)
+    x = x + linear(attention(q, k, v, meta, backend), lp["o"], n_in=2)
     h = rms_norm(x, lp["post_norm"], config.rms_norm_eps)
     x = x + linear(jax.nn.silu(linear(h, lp["gate"])) * linear(h, lp["up"]), lp["down"])
     return x, cache_kv
@@ -65,7 +72,7 @@ def decoder(
     config: TextConfig,
     cache: KVCache | None = None,
     write_index: jax.Array | int = 0,
-    attend: Callable = attention,
+    attention: str = "xla",
     *,
     segment_ids: jax.Array | None = None,
     remat: str | None = None,
@@ -75,9 +82,9 @@ def decoder(
     ``x [B, T, H]`` embeddings, ``positions [B, T]`` RoPE positions. Without a cache ``key_valid``
     is ``[B, T]``; with a cache it is ``[B, S]`` over cache slots (already marking the T new slots),
     and the new keys/values are written at slots ``write_index … write_index + T - 1``.
-    Without a cache, attention is `ov_jax.nn.flash.flash_attention` (online softmax by blocks: no ``T × T``
-    scores or mask, forward or backward); with a cache, ``attend`` replaces ``layers.attention`` (same
-    signature), e.g. a blocked causal variant for long prompts.
+    ``attention``: a resolved backend name (`ov_jax.nn.backends`); prefill (a ``T``-slot cache written from the
+    int slot 0) is self-attention, which the flash kernels take. Without a cache the ``xla`` and ``cpu``
+    backends run `ov_jax.nn.flash` (online softmax by blocks: no ``T × T`` scores or mask, forward or backward).
     ``segment_ids [B, T]`` (no cache; int, 0 = padding): packed rows, attention only within a segment.
     ``remat``: a `layers.REMAT_POLICIES` name for the layer scan (no cache). The hidden states are constrained
     to the rules table's ``hidden`` sharding when a mesh is active (``jax.set_mesh``).
@@ -88,21 +95,20 @@ def decoder(
     mesh = active_mesh()
 
     if cache is None:
-        segments = token_segments(key_valid, segment_ids)
+        meta = decoder_meta(key_valid, t, segment_ids=segment_ids)
 
         def body(h, lp):
-            h, _ = decoder_layer(h, lp, cos, sin, segments, config, attend=flash_attention)
+            h, _ = decoder_layer(h, lp, cos, sin, meta, config, backend=attention)
             return constrain(h, mesh, "hidden"), None
 
         x, _ = jax.lax.scan(remat_layer(body, remat), constrain(x, mesh, "hidden"), params["layers"])
         new_cache = None
     else:
-        query_slots = write_index + jnp.arange(t)
-        mask = attention_mask(key_valid, jnp.broadcast_to(query_slots, (x.shape[0], t)), jnp.arange(key_valid.shape[1]))
+        meta = decoder_meta(key_valid, t, write_index)
 
         def body(h, xs):
             lp, ck, cv = xs
-            h, (ck, cv) = decoder_layer(h, lp, cos, sin, mask, config, (ck, cv), write_index, attend)
+            h, (ck, cv) = decoder_layer(h, lp, cos, sin, meta, config, (ck, cv), write_index, attention)
             return h, (ck, cv)
 
         x, (ks, vs) = jax.lax.scan(body, x, (params["layers"], cache.k, cache.v))

@@ -5,13 +5,12 @@ Only the layers up to the deepest selected one are computed (REFERENCE_NOTES §2
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
 from ov_jax.config import OneVisionConfig
-from ov_jax.modeling.layers import attention, gelu_tanh, layer_norm, remat_layer
+from ov_jax.modeling.layers import gelu_tanh, layer_norm, remat_layer
+from ov_jax.nn.attention import AttentionMeta, attention
 from ov_jax.nn.linear import linear
 from ov_jax.sharding import active_mesh, constrain
 
@@ -32,20 +31,21 @@ def patch_embed(params: dict, pixels: jax.Array, config: OneVisionConfig, dtype)
     return x + params["pos_embed"].astype(dtype)
 
 
-def encoder_layer(x: jax.Array, lp: dict, eps: float, attend: Callable = attention) -> jax.Array:
-    """Pre-LN block: bidirectional attention, then tanh-GELU MLP, all projections with bias."""
+def encoder_layer(x: jax.Array, lp: dict, eps: float, attention_backend: str = "xla") -> jax.Array:
+    """Pre-LN block: bidirectional attention (``attention_backend``, `ov_jax.nn.backends`), then tanh-GELU MLP,
+    all projections with bias."""
     h = layer_norm(x, lp["ln1"], eps)
     q, k, v = (linear(h, lp[name]) for name in ("q", "k", "v"))
-    x = x + linear(attend(q, k, v, None), lp["o"], n_in=2)
+    x = x + linear(attention(q, k, v, AttentionMeta(), attention_backend), lp["o"], n_in=2)
     h = layer_norm(x, lp["ln2"], eps)
     return x + linear(gelu_tanh(linear(h, lp["fc1"])), lp["fc2"])
 
 
 def vision_features(params: dict, pixels: jax.Array, config: OneVisionConfig, dtype=jnp.float32,
-                    attend: Callable = attention, *, remat: str | None = None) -> jax.Array:
+                    attention: str = "xla", *, remat: str | None = None) -> jax.Array:
     """Selected hidden state(s) of the tower: ``[N, 729, Dv · len(feature_layers)]``.
 
-    ``attend`` replaces ``layers.attention`` (same signature), e.g. ``attention_by_head`` on CPU. ``remat``: a
+    ``attention``: a resolved backend name (`ov_jax.nn.backends`), e.g. ``"cpu"``. ``remat``: a
     `layers.REMAT_POLICIES` name for the layer scan. Tokens are constrained to the rules table's
     ``tower_tokens`` sharding when a mesh is active."""
     eps = config.vision.layer_norm_eps
@@ -57,7 +57,7 @@ def vision_features(params: dict, pixels: jax.Array, config: OneVisionConfig, dt
     x = constrain(patch_embed(params, pixels, config, dtype), mesh, "tower_tokens")
 
     def layer(h, lp):
-        return constrain(encoder_layer(h, lp, eps, attend), mesh, "tower_tokens")
+        return constrain(encoder_layer(h, lp, eps, attention), mesh, "tower_tokens")
 
     wanted = config.feature_layers
     if wanted == (used,):

@@ -1,28 +1,118 @@
-"""Causal self-attention by query blocks for long prompts.
+"""One attention interface: ``attention(q, k, v, meta, backend)``.
 
-:func:`causal_block_attention` runs `ov_jax.modeling.layers.attention` by query blocks that only see keys up
-to the block's end, so score memory is ``block × T`` instead of ``T × T``. The engine's prefill uses it;
-the training / full-sequence forward uses the flash form (`ov_jax.nn.flash`).
+:class:`AttentionMeta` says which keys each query may see — causal or not, valid keys (left padding), packed
+segment ids, and for a cache the slot of the first query (the decode write position) — instead of a dense
+``[B, T, S]`` mask, so kernels that take lengths or segment ids (cuDNN, Pallas splash) can run it. The dense
+mask (:meth:`AttentionMeta.mask`) is the one definition the reference backend and the tests use.
+
+Backends (`ov_jax.nn.backends`, picked by :func:`ov_jax.nn.backends.resolve_attention`) implement two cases:
+self-attention (vision tower, full-sequence forward, engine prefill: the keys are the queries' own slots) and
+cached attention (decode: queries at ``write_index …`` against a cache of ``S`` slots).
+
+:func:`causal_block_attention` runs a kernel by query blocks that only see keys up to the block's end, so
+score memory is ``block × T`` instead of ``T × T`` (the ``xla`` / ``cpu`` prefill); the other causal
+self-attention of those backends is the flash form (`ov_jax.nn.flash`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
-from ov_jax.modeling.layers import attention
+from ov_jax.nn.flash import token_segments
 
 QUERY_BLOCK = 512
+KV_LAYOUTS = ("BSNH", "BNSH")
 
 
-def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                           block: int = QUERY_BLOCK, attend=attention) -> jax.Array:
-    """``layers.attention`` for a causal mask, by query blocks that only see keys up to the block's end.
+@dataclasses.dataclass(frozen=True)
+class AttentionMeta:
+    """What a query may attend to. Built inside traced code (the arrays are tracers there).
+
+    ``causal``: query ``i`` sees keys at slots ``<= `` its own slot. ``key_valid [B, S]`` bool (None = all):
+    keys that may be attended (False for left padding and unwritten cache slots). ``segment_ids [B, T]`` int
+    (self-attention only; 0 = padding): packed rows, a query only sees keys of its own segment.
+    ``write_index`` (int, ``[]`` or ``[B]`` int32): the cache slot of query 0, i.e. the decode write position;
+    None = self-attention (``T == S``, query ``i`` at slot ``i``). ``prefill``: a self-attention that writes a
+    cache (inference only); the ``xla`` / ``cpu`` backends run it by causal query blocks, which XLA:CPU runs
+    faster than the flash form they use for every other causal self-attention (full-sequence forward,
+    training: no ``T × T`` scores or mask, forward or backward). ``kv_layout``: ``"BSNH"`` (``k``/``v``
+    ``[B, S, nkv, hd]``) or ``"BNSH"`` (heads-major ``[B, nkv, S, hd]``, the CPU decode cache).
+    """
+
+    causal: bool = False
+    key_valid: jax.Array | None = None
+    segment_ids: jax.Array | None = None
+    write_index: jax.Array | int | None = None
+    prefill: bool = False
+    kv_layout: str = "BSNH"
+
+    def __post_init__(self):
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
+        if self.segment_ids is not None and self.write_index is not None:
+            raise ValueError("segment_ids are for self-attention; a cached attention (write_index) takes key_valid")
+        if self.prefill and self.write_index is not None:
+            raise ValueError("prefill marks a self-attention (write_index None) that fills a cache")
+
+    @property
+    def self_attention(self) -> bool:
+        return self.write_index is None
+
+    def mask(self, t: int, s: int) -> jax.Array | None:
+        """Dense ``[B or 1, T, S]`` bool (True = may attend), or None when every key is visible."""
+        mask = None
+        if self.causal:
+            start = 0 if self.write_index is None else jnp.reshape(jnp.asarray(self.write_index), (-1, 1))
+            query_slots = start + jnp.arange(t)[None, :]  # [B or 1, T]
+            mask = jnp.arange(s)[None, None, :] <= query_slots[:, :, None]
+        if self.key_valid is not None:
+            valid = self.key_valid.astype(bool)[:, None, :]
+            mask = valid if mask is None else mask & valid
+        if self.segment_ids is not None:
+            seg = self.segment_ids
+            same = (seg[:, :, None] == seg[:, None, :]) & (seg != 0)[:, None, :]
+            mask = same if mask is None else mask & same
+        return None if mask is None else jnp.broadcast_to(mask, (mask.shape[0], t, s))
+
+    def segments(self) -> jax.Array | None:
+        """Self-attention as segment ids ``[B, T]`` int32 with every invalid key in segment 0, or None when all
+        keys are valid and unsegmented. Same visibility as :meth:`mask` for every query of a nonzero segment."""
+        if self.key_valid is None:
+            return None if self.segment_ids is None else self.segment_ids.astype(jnp.int32)
+        return token_segments(self.key_valid, self.segment_ids)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: AttentionMeta, backend: str = "xla") -> jax.Array:
+    """Grouped-query attention ``[B, T, nh, hd]`` (query dtype) by the named backend (`ov_jax.nn.backends`).
+
+    ``q [B, T, nh, hd]``; ``k``/``v`` ``[B, S, nkv, hd]`` (or ``[B, nkv, S, hd]`` with ``meta.kv_layout``
+    ``"BNSH"``); query head ``h`` reads kv head ``h // (nh // nkv)``; scale ``1/sqrt(hd)``. ``backend`` is a
+    resolved name (:func:`ov_jax.nn.backends.resolve_attention`); an unknown one raises ``ValueError``.
+    """
+    from ov_jax.nn.backends import get_backend
+
+    impl = get_backend(backend)
+    return impl.self_attention(q, k, v, meta) if meta.self_attention else impl.cached_attention(q, k, v, meta)
+
+
+def to_bsnh(x: jax.Array, meta: AttentionMeta) -> jax.Array:
+    """A key / value array in ``[B, S, nkv, hd]`` whatever ``meta.kv_layout``."""
+    return x if meta.kv_layout == "BSNH" else x.transpose(0, 2, 1, 3)
+
+
+def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, attend: Callable,
+                           block: int = QUERY_BLOCK) -> jax.Array:
+    """``attend(q, k, v, mask)`` for a causal self-attention mask, by query blocks that only see keys up to the
+    block's end.
 
     ``q [B, T, nh, hd]``, ``k``/``v`` ``[B, T, nkv, hd]`` (same slots as the queries), ``mask [B, T, T]`` causal
     (True = may attend). Exact for every query with at least one visible key (the skipped keys are masked for
     it anyway): about half the score FLOPs of the full square, and float32 score memory bounded by
-    ``block × T``. ``attend`` is the per-block kernel (same signature as ``layers.attention``).
+    ``block × T``. ``attend`` is the per-block kernel (``ov_jax.modeling.layers.attention``'s signature).
     """
     t = q.shape[1]
     if t <= block:
