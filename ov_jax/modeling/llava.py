@@ -60,8 +60,8 @@ def hidden_states(params, input_ids, attention_mask, position_ids, tower_inputs,
     attention causal and only within a segment, 0 = padding (positions restart per segment: the caller's
     ``position_ids``). ``remat``: a `layers.REMAT_POLICIES` name, applied to both layer scans. ``attention``: a
     resolved backend name (`ov_jax.nn.backends`) for the tower and the decoder; the ``xla`` and ``cpu`` backends
-    compute causal attention by query blocks (`ov_jax.nn.attention.causal_block_attention`), never a ``T × T``
-    score matrix.
+    compute causal attention by the blockwise online softmax of `ov_jax.nn.flash`: no ``T × T`` scores or mask,
+    forward or backward.
     """
     embeds = merged_embeddings(params, input_ids, tower_inputs, tap_index, tap_weight, is_media, config, dtype,
                                remat=remat, attention=attention)

@@ -38,11 +38,13 @@ def decoder_meta(key_valid: jax.Array, t: int, write_index: jax.Array | int | No
                  segment_ids: jax.Array | None = None) -> AttentionMeta:
     """Causal attention metadata of the decoder: self-attention over ``t`` slots (no cache, or a prompt-length
     cache written from slot 0: ``write_index`` None or the int 0 with ``key_valid [B, t]``), else ``t`` queries
-    at ``write_index …`` against the cache slots ``key_valid [B, S]`` marks."""
-    if write_index is not None and not (isinstance(write_index, int) and write_index == 0
-                                        and key_valid.shape[1] == t):
-        return AttentionMeta(causal=True, key_valid=key_valid, write_index=write_index)
-    return AttentionMeta(causal=True, key_valid=key_valid, segment_ids=segment_ids)
+    at ``write_index …`` against the cache slots ``key_valid [B, S]`` marks. The prompt-length cache is marked
+    ``prefill`` (the ``xla`` / ``cpu`` backends run it by query blocks, the forward without a cache by flash)."""
+    if write_index is None:
+        return AttentionMeta(causal=True, key_valid=key_valid, segment_ids=segment_ids)
+    if isinstance(write_index, int) and write_index == 0 and key_valid.shape[1] == t:
+        return AttentionMeta(causal=True, key_valid=key_valid, segment_ids=segment_ids, prefill=True)
+    return AttentionMeta(causal=True, key_valid=key_valid, write_index=write_index)
 
 
 def write_kv(cache: jax.Array, new: jax.Array, write_index: jax.Array | int) -> jax.Array:
@@ -91,7 +93,8 @@ def decoder(
     and the new keys/values are written at slots ``write_index … write_index + T - 1`` (``write_index``: a
     scalar, or ``[B]`` for a write slot per row).
     ``attention``: a resolved backend name (`ov_jax.nn.backends`); prefill (a ``T``-slot cache written from the
-    int slot 0) is self-attention, which the flash kernels take.
+    int slot 0) is self-attention, which the flash kernels take. Without a cache the ``xla`` and ``cpu``
+    backends run `ov_jax.nn.flash` (online softmax by blocks: no ``T × T`` scores or mask, forward or backward).
     ``segment_ids [B, T]`` (no cache; int, 0 = padding): packed rows, attention only within a segment.
     ``remat``: a `layers.REMAT_POLICIES` name for the layer scan (no cache). The hidden states are constrained
     to the rules table's ``hidden`` sharding when a mesh is active (``jax.set_mesh``).

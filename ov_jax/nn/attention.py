@@ -10,7 +10,8 @@ self-attention (vision tower, full-sequence forward, engine prefill: the keys ar
 cached attention (decode: queries at ``write_index …`` against a cache of ``S`` slots).
 
 :func:`causal_block_attention` runs a kernel by query blocks that only see keys up to the block's end, so
-score memory is ``block × T`` instead of ``T × T``.
+score memory is ``block × T`` instead of ``T × T`` (the ``xla`` / ``cpu`` prefill); the other causal
+self-attention of those backends is the flash form (`ov_jax.nn.flash`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from ov_jax.nn.flash import token_segments
 
 QUERY_BLOCK = 512
 KV_LAYOUTS = ("BSNH", "BNSH")
@@ -33,7 +36,10 @@ class AttentionMeta:
     keys that may be attended (False for left padding and unwritten cache slots). ``segment_ids [B, T]`` int
     (self-attention only; 0 = padding): packed rows, a query only sees keys of its own segment.
     ``write_index`` (int, ``[]`` or ``[B]`` int32): the cache slot of query 0, i.e. the decode write position;
-    None = self-attention (``T == S``, query ``i`` at slot ``i``). ``kv_layout``: ``"BSNH"`` (``k``/``v``
+    None = self-attention (``T == S``, query ``i`` at slot ``i``). ``prefill``: a self-attention that writes a
+    cache (inference only); the ``xla`` / ``cpu`` backends run it by causal query blocks, which XLA:CPU runs
+    faster than the flash form they use for every other causal self-attention (full-sequence forward,
+    training: no ``T × T`` scores or mask, forward or backward). ``kv_layout``: ``"BSNH"`` (``k``/``v``
     ``[B, S, nkv, hd]``) or ``"BNSH"`` (heads-major ``[B, nkv, S, hd]``, the CPU decode cache).
     """
 
@@ -41,6 +47,7 @@ class AttentionMeta:
     key_valid: jax.Array | None = None
     segment_ids: jax.Array | None = None
     write_index: jax.Array | int | None = None
+    prefill: bool = False
     kv_layout: str = "BSNH"
 
     def __post_init__(self):
@@ -48,6 +55,8 @@ class AttentionMeta:
             raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
         if self.segment_ids is not None and self.write_index is not None:
             raise ValueError("segment_ids are for self-attention; a cached attention (write_index) takes key_valid")
+        if self.prefill and self.write_index is not None:
+            raise ValueError("prefill marks a self-attention (write_index None) that fills a cache")
 
     @property
     def self_attention(self) -> bool:
@@ -72,11 +81,9 @@ class AttentionMeta:
     def segments(self) -> jax.Array | None:
         """Self-attention as segment ids ``[B, T]`` int32 with every invalid key in segment 0, or None when all
         keys are valid and unsegmented. Same visibility as :meth:`mask` for every query of a nonzero segment."""
-        seg = None if self.segment_ids is None else self.segment_ids.astype(jnp.int32)
-        if self.key_valid is not None:
-            valid = self.key_valid.astype(bool)
-            seg = jnp.where(valid, 1 if seg is None else seg, 0).astype(jnp.int32)
-        return seg
+        if self.key_valid is None:
+            return None if self.segment_ids is None else self.segment_ids.astype(jnp.int32)
+        return token_segments(self.key_valid, self.segment_ids)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: AttentionMeta, backend: str = "xla") -> jax.Array:

@@ -3,8 +3,9 @@
 =========  =====================================================================  ==============================
 name       kernel                                                                 runs on
 =========  =====================================================================  ==============================
-``xla``    `ov_jax.modeling.layers.attention` on a dense mask, causal by query     every platform, every dtype
-           blocks: the reference and float32 parity path
+``xla``    `ov_jax.modeling.layers.attention` on a dense mask (prefill: by causal   every platform, every dtype
+           query blocks); causal forward / training: flash (`ov_jax.nn.flash`);
+           the reference and float32 parity path
 ``cpu``    same numerics as ``xla``: one 2-D product per kv head, and decode on a   every platform (meant for CPU)
            heads-major cache (`ov_jax.nn.backends.cpu`)
 ``cudnn``  ``jax.nn.dot_product_attention(implementation="cudnn")`` for             NVIDIA GPU, bfloat16 / float16

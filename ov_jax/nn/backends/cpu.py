@@ -1,6 +1,7 @@
 """The CPU backend: the same numerics as the reference (float32 scores and softmax), in the forms XLA:CPU runs
-fastest: one 2-D product per kv head for self-attention (:func:`attention_by_head`, about 2x the batched
-einsums on the SigLIP shape) and a heads-major cache for decode (:func:`decode_attention`)."""
+fastest: one 2-D product per kv head for the vision tower and prefill (:func:`attention_by_head`, about 2x the
+batched einsums on the SigLIP shape) and a heads-major cache for decode (:func:`decode_attention`). The causal
+full-sequence forward and training are the flash form, as in the ``xla`` backend."""
 
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
 
 
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: AttentionMeta) -> jax.Array:
+    """As the ``xla`` backend (flash for the causal forward) with :func:`attention_by_head` as the kernel of the
+    vision tower and the prefill's query blocks."""
     return xla.self_attention(q, k, v, meta, kernel=attention_by_head)
 
 
