@@ -123,4 +123,4 @@ def test_from_pretrained_onto_a_mesh(shardable_ckpt, unsharded, tmp_path, source
 
     reference = LlavaOnevision.from_params(*unsharded)
     ids = np.random.default_rng(0).integers(1, 200, (2, 9))
-    np.testing.assert_allclose(np.asarray(model(ids).logits), np.asarray(reference(ids).logits), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(model(ids).logits), np.asarray(reference(ids).logits), atol=1e-5, rtol=2e-6)
