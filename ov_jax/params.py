@@ -26,8 +26,9 @@ Layout (``L`` stacked layers, scanned over):
 Quantization (``config.quantization``, `ov_jax.nn.quant`): every quantized weight dict holds integer
 ``kernel`` values (int8 ``[*in, *out]``; int4 as uint8 ``[*in[:-1], in[-1]/2, *out]``, two values per byte
 along the last input axis) and a float ``kernel_scale [L?, G, *out]`` (``G`` groups of the flattened input,
-1 for int8; the group axis is replicated, the output axes shard as the kernel's). ``text.embed`` becomes
-``{"kernel": [V, H or H/2], "kernel_scale": [V, G]}`` (groups along H).
+1 for int8; the group axis is replicated, the output axes shard as the kernel's); int4 adds the zero points
+``kernel_zero``, shaped, sharded and typed as the scale. ``text.embed`` becomes ``{"kernel": [V, H or H/2],
+"kernel_scale": [V, G]}`` (groups along H; int4 with ``kernel_zero [V, G]``).
 
 LoRA (``param_specs(config, lora=LoraSpec(rank, alpha, targets))``): every weight dict whose dotted path
 (e.g. ``text.layers.q``) matches ``targets`` also holds ``lora_a [L?, *in, r]`` (input axes as the kernel's),

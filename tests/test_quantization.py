@@ -59,10 +59,22 @@ def test_int4_packing_and_dequantization_round_trip():
     np.testing.assert_array_equal(unpack_int4(_pack_int4(jnp.asarray(values.T), 0), 0), values.T)
 
 
+def _plain_int4(w, axis):
+    """Reference int4 without the clipping search: symmetric ``absmax / 7`` and asymmetric (16 levels over
+    ``[min(w, 0), max(w, 0)]``, integer zero point), groups along ``axis``."""
+    absmax = np.abs(w).max(axis=axis, keepdims=True)
+    symmetric = np.clip(np.round(w / absmax * 7), -7, 7) * absmax / 7
+    low, high = np.minimum(w.min(axis, keepdims=True), 0), np.maximum(w.max(axis, keepdims=True), 0)
+    scale = (high - low) / 15
+    zero = -8 - np.round(low / scale)
+    return symmetric, (np.clip(np.round(w / scale) + zero, -8, 7) - zero) * scale
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_dequantized_weights_error_is_bounded(tiny_ckpt, mode):
     """int8: every weight within half a step (absmax / 127 of its output channel). int4: every group's squared
-    error at most that of plain absmax / 7 rounding (the clipping search only improves on it)."""
+    error at most that of plain min / max rounding (the clipping search only improves on it), and the total
+    well below symmetric absmax / 7 rounding's."""
     model = LlavaOnevision.from_pretrained(tiny_ckpt)
     params, _ = quantize_params(model.params, model.config, QuantConfig(mode, TINY_GROUP))
     group = None if mode == "int8" else TINY_GROUP
@@ -80,13 +92,14 @@ def test_dequantized_weights_error_is_bounded(tiny_ckpt, mode):
             n = int(np.prod(w.shape[:n_in]))
             w, q = (x.reshape((1 if group is None else n // group, -1) + w.shape[n_in:]) for x in (w, q))
             axis = 1
-        absmax = np.abs(w).max(axis=axis, keepdims=True)
         assert np.abs(q - w).max() > 0
         if mode == "int8":
-            assert np.all(np.abs(q - w) <= 0.5 * absmax / 127 * 1.001)
+            assert np.all(np.abs(q - w) <= 0.5 * np.abs(w).max(axis=axis, keepdims=True) / 127 * 1.001)
         else:
-            plain = np.clip(np.round(w / absmax * 7), -7, 7) * absmax / 7
-            assert np.all(((q - w) ** 2).sum(axis) <= ((plain - w) ** 2).sum(axis) * 1.001 + 1e-12)
+            symmetric, plain = _plain_int4(w, axis)
+            error = ((q - w) ** 2).sum(axis)
+            assert np.all(error <= ((plain - w) ** 2).sum(axis) * 1.001 + 1e-12)
+            assert error.sum() < 0.8 * ((symmetric - w) ** 2).sum(), error.sum() / ((symmetric - w) ** 2).sum()
 
 
 # --- agreement with bfloat16 on a confident model --------------------------------------------------------

@@ -6,10 +6,11 @@ A *weight leaf* is either a plain array (the embedding table ``text.embed``) or 
   slices off before it reaches these helpers);
 * ``kernel_scale [G, *out]`` — present when the kernel is quantized (`ov_jax.nn.quant`): ``kernel`` then
   holds int8 values, or uint8 bytes packing two int4 values along the last input axis, and the weight is
-  ``values · scale`` with one scale per output channel and group of ``N / G`` consecutive features of the
-  flattened input (``N``). A quantized ``[V, H]`` table (the embedding) holds ``kernel [V, H or H/2]`` and
-  ``kernel_scale [V, G]`` (groups along H). Weights are dequantized inside each product, never stored as
-  float; int8 (``G = 1``) applies its scale to the product's output instead;
+  ``(values - zero) · scale`` with one scale per output channel and group of ``N / G`` consecutive features
+  of the flattened input (``N``); ``kernel_zero [G, *out]`` (int4; float holding integers) is the zero
+  point, 0 when absent (int8). A quantized ``[V, H]`` table (the embedding) holds ``kernel [V, H or H/2]``,
+  ``kernel_scale [V, G]`` and ``kernel_zero [V, G]`` (groups along H). Weights are dequantized inside each
+  product, never stored as float; int8 (``G = 1``) applies its scale to the product's output instead;
 * ``bias [*out]`` — optional;
 * ``lora_a [*in, r]``, ``lora_b [r, *out]``, ``lora_scale []`` — optional LoRA adapters
   (``y += lora_scale · (x · lora_a) · lora_b``; ``lora_scale`` = alpha / r is a constant: its gradient is
@@ -58,10 +59,13 @@ def _values(p: dict, axis: int) -> jax.Array:
     return unpack_int4(values, axis) if values.dtype == jnp.uint8 else values
 
 
-def _dequantize_rows(values: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    """``values [..., N]`` int8 with ``scale [..., G]`` (groups of ``N / G`` along the last axis) → ``dtype``."""
+def _dequantize_rows(values: jax.Array, scale: jax.Array, zero: jax.Array | None, dtype) -> jax.Array:
+    """``values [..., N]`` int8 with ``scale [..., G]`` and ``zero [..., G]`` or None (groups of ``N / G`` along
+    the last axis) → ``dtype``."""
     groups = scale.shape[-1]
     grouped = values.reshape(values.shape[:-1] + (groups, -1)).astype(dtype)
+    if zero is not None:
+        grouped = grouped - zero.astype(dtype)[..., None]
     return (grouped * scale.astype(dtype)[..., None]).reshape(values.shape)
 
 
@@ -76,6 +80,8 @@ def kernel_of(p: Weight, dtype=None) -> jax.Array:
         values = _values(p, n_in - 1)
         shape = values.shape
         grouped = values.reshape((scale.shape[0], -1) + shape[n_in:]).astype(dtype)
+        if "kernel_zero" in p:
+            grouped = grouped - p["kernel_zero"].astype(dtype)[:, None]
         return (grouped * scale.astype(dtype)[:, None]).reshape(shape)
     kernel = p["kernel"] if isinstance(p, dict) else p
     return kernel if dtype is None else kernel.astype(dtype)
@@ -85,7 +91,7 @@ def table_of(p: Weight, dtype=None) -> jax.Array:
     """A ``[rows, N]`` table (the embedding, a serving matrix) without adapters, dequantized when quantized
     (to ``dtype``, default float32), else cast to ``dtype`` when given."""
     if is_quantized(p):
-        return _dequantize_rows(_values(p, -1), p["kernel_scale"], dtype or jnp.float32)
+        return _dequantize_rows(_values(p, -1), p["kernel_scale"], p.get("kernel_zero"), dtype or jnp.float32)
     return kernel_of(p, dtype)
 
 
@@ -152,8 +158,9 @@ def linear_transposed(x: jax.Array, p: Weight, *, dtype=None, preferred_element_
 def embed_rows(p: Weight, ids: jax.Array, dtype) -> jax.Array:
     """Rows ``ids`` of a ``[V, H]`` table (the token embedding) → ``[*ids.shape, H]`` in ``dtype``."""
     if is_quantized(p):
+        zero = jnp.take(p["kernel_zero"], ids, axis=0) if "kernel_zero" in p else None
         rows = _dequantize_rows(_values({"kernel": jnp.take(p["kernel"], ids, axis=0)}, -1),
-                                jnp.take(p["kernel_scale"], ids, axis=0), dtype)
+                                jnp.take(p["kernel_scale"], ids, axis=0), zero, dtype)
     else:
         rows = jnp.take(kernel_of(p), ids, axis=0).astype(dtype)
     if has_lora(p):
@@ -223,12 +230,16 @@ def matmul(matrix: Weight, x: jax.Array, out_dtype=None) -> jax.Array:
 def serving_matrix(p: Weight, n_in: int = 1) -> Weight:
     """An unstacked weight leaf (``n_in`` input axes) as a 2-D ``[out, in]`` matrix for :func:`matmul`: a float
     array with the LoRA delta folded in, or for a quantized kernel without adapters its quantized form in
-    table layout (values ``[out, in or in/2]``, ``kernel_scale [out, G]``), never a float copy. A quantized
-    kernel with adapters becomes a float32 matrix (dequantized, delta added)."""
+    table layout (values ``[out, in or in/2]``, ``kernel_scale`` / ``kernel_zero [out, G]``), never a float
+    copy. A quantized kernel with adapters becomes a float32 matrix (dequantized, delta added)."""
     if is_quantized(p) and not has_lora(p):
-        values, scale = p["kernel"], p["kernel_scale"]
-        out = math.prod(scale.shape[1:])
-        return {"kernel": values.reshape(-1, out).T, "kernel_scale": scale.reshape(scale.shape[0], out).T}
+        groups = p["kernel_scale"].shape[0]
+        out = math.prod(p["kernel_scale"].shape[1:])
+        matrix = {"kernel": p["kernel"].reshape(-1, out).T}
+        for key in ("kernel_scale", "kernel_zero"):
+            if key in p:
+                matrix[key] = p[key].reshape(groups, out).T
+        return matrix
     if is_quantized(p):
         kernel = kernel_of(p, jnp.float32)
         kernel = kernel + _lora_delta(p, kernel.shape)
