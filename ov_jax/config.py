@@ -77,8 +77,9 @@ QUANT_MODES = ("int8", "int4")
 class QuantConfig:
     """Weight-only quantization of the stored params (`ov_jax.nn.quant`).
 
-    ``mode``: ``"int8"`` (symmetric, one scale per output channel) or ``"int4"`` (symmetric, one scale per
-    output channel and group of ``group_size`` consecutive input features, two values packed per byte).
+    ``mode``: ``"int8"`` (symmetric, one scale per output channel) or ``"int4"`` (asymmetric, one scale and
+    zero point per output channel and group of ``group_size`` consecutive input features, two values packed
+    per byte).
     ``group_size`` is ignored for int8 (stored as ``None``); for int4 it must be a positive even integer that
     divides every quantized weight's input size. ``vision``: also quantize the vision tower's linears and the
     projector (the language model's linears, embedding and lm_head always are).

@@ -9,13 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from agreement_helpers import agreement, distinct_targets, fitted_head, text_positions, top1_margin
 from loading_helpers import assert_trees_equal
 from ov_jax.checkpoint import load_orbax, save_orbax
 from ov_jax.config import QuantConfig
 from ov_jax.geometry import image_token_count, video_token_count
 from ov_jax.model import LlavaOnevision
 from ov_jax.nn.linear import kernel_of, table_of, unpack_int4
-from ov_jax.nn.quant import _pack_int4, quantize_params, weight_bytes
+from ov_jax.modeling.lm_head import lm_logits
+from ov_jax.nn.quant import _pack_int4, quantize_leaf, quantize_params, weight_bytes
 from ov_jax.params import check_tree, param_specs, random_params
 from ov_jax.presets import preset
 
@@ -102,7 +104,7 @@ def test_dequantized_weights_error_is_bounded(tiny_ckpt, mode):
             assert error.sum() < 0.8 * ((symmetric - w) ** 2).sum(), error.sum() / ((symmetric - w) ** 2).sum()
 
 
-# --- agreement with bfloat16 on a confident model --------------------------------------------------------
+# --- agreement with bfloat16 -----------------------------------------------------------------------------
 
 
 def _prompt_set(config, rng, image=True):
@@ -125,93 +127,81 @@ def _prompt_set(config, rng, image=True):
     return ids, mask, media
 
 
-def confident_params(model, ids, mask, media, steps=200):
-    """``model``'s params with the lm_head fitted (cross-entropy, adam) to the model's own top-1 tokens on the
-    batch, so the predictions have the margins of a trained model (as the bf16 agreement test does): a random
-    checkpoint's logits are near-Gaussian and near-tied, and any rounding flips a few % of them."""
-    import optax
-
-    valid = mask.astype(bool)
-    hidden = jnp.asarray(model.hidden_states(ids, mask, **media), jnp.float32)[valid]
-    targets = jnp.asarray(np.asarray(model(ids, mask, **media).logits)[valid].argmax(-1))
-    optimizer = optax.adam(1e-2)
-
-    @jax.jit
-    def step(head, state):
-        loss = lambda h: optax.softmax_cross_entropy_with_integer_labels(hidden @ h["kernel"], targets).mean()
-        updates, state = optimizer.update(jax.grad(loss)(head), state)
-        return optax.apply_updates(head, updates), state
-
-    head = jax.tree.map(lambda x: x.astype(jnp.float32), model.params["text"]["lm_head"])
-    state = optimizer.init(head)
-    for _ in range(steps):
-        head, state = step(head, state)
-    return dict(model.params, text=dict(model.params["text"], lm_head=head))
+def _text_hidden(model, prompts) -> jax.Array:
+    """``model``'s final-normed hidden states ``[N, H]`` (its dtype) at the text positions of ``prompts``."""
+    return jnp.concatenate([model.hidden_states(ids, mask, **media)[text_positions(ids, mask, model.config)]
+                            for ids, mask, media in prompts])
 
 
-def agreement(reference, quantized, ids, mask, media) -> tuple[float, float]:
-    """Top-1 agreement over the valid positions and the logits' relative error (Frobenius)."""
-    valid = mask.astype(bool)
-    a = np.asarray(reference(ids, mask, **media).logits)[valid]
-    b = np.asarray(quantized(ids, mask, **media).logits)[valid]
-    return float((a.argmax(-1) == b.argmax(-1)).mean()), float(np.linalg.norm(a - b) / np.linalg.norm(a))
+def agreement_table(config, params, prompts, modes, group):
+    """Top-1 agreement and logit relative error of int8 / int4 against bfloat16, over the text positions of
+    ``prompts`` (``[(ids, mask, media)]``; media rows still steer them through attention), with the random
+    head and with a :func:`agreement_helpers.fitted_head` fitted to the bfloat16 model's hidden states.
+
+    ``config`` must be untied; ``params`` float, their ``lm_head`` the random head. Returns
+    ``{"margin": {head: median top-1 gap}, mode: {head: (top1, relative error)}}``."""
+    float_params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
+    reference = LlavaOnevision(config, float_params, "bfloat16")
+    hidden = _text_hidden(reference, prompts)
+    targets = distinct_targets(len(hidden), config)
+    random_head = np.asarray(params["text"]["lm_head"]["kernel"], np.float32)
+    heads = {"random": random_head, "fitted": fitted_head(np.asarray(hidden, np.float32), targets, random_head)}
+    heads = {name: jnp.asarray(kernel, jnp.bfloat16) for name, kernel in heads.items()}
+    want = {name: lm_logits({"lm_head": {"kernel": kernel}}, hidden) for name, kernel in heads.items()}
+    table = {"margin": {name: top1_margin(logits) for name, logits in want.items()}}
+    spec = param_specs(config)["text"]["lm_head"]["kernel"]
+    for mode in modes:
+        quant = QuantConfig(mode, group)
+        qparams, qconfig = quantize_params(float_params, config, quant)
+        got_hidden = _text_hidden(LlavaOnevision(qconfig, qparams, "bfloat16"), prompts)
+        del qparams
+        table[mode] = {name: agreement(want[name], lm_logits(
+            {"lm_head": quantize_leaf("text.lm_head.kernel", kernel, spec, quant)}, got_hidden))
+            for name, kernel in heads.items()}
+    return table
 
 
 @pytest.fixture(scope="module")
-def confident_bf16(tiny_ckpt):
-    base = LlavaOnevision.from_pretrained(tiny_ckpt)
-    ids, mask, media = _prompt_set(base.config, np.random.default_rng(3))
-    params = confident_params(base, ids, mask, media)
-    return LlavaOnevision.from_params(base.config, params, "bfloat16"), (ids, mask, media)
+def tiny_table(tiny_ckpt):
+    model = LlavaOnevision.from_pretrained(tiny_ckpt)
+    prompts = [_prompt_set(model.config, np.random.default_rng(3))]
+    table = agreement_table(model.config, model.params, prompts, ("int8", "int4"), TINY_GROUP)
+    print(table)
+    return table
 
 
 @pytest.mark.parametrize("mode, bar", [("int8", 0.98), ("int4", 0.90)])
-def test_top1_agreement_with_bfloat16(confident_bf16, mode, bar):
-    reference, batch = confident_bf16
-    params, config = quantize_params(reference.params, reference.config, QuantConfig(mode, TINY_GROUP))
-    top1, rel = agreement(reference, LlavaOnevision(config, params, "bfloat16"), *batch)
-    print(f"{mode}: top-1 agreement {top1:.4f}, logit relative error {rel:.4f}")
-    assert top1 >= bar, (top1, rel)
-    assert rel < (0.05 if mode == "int8" else 0.3), rel
+def test_top1_agreement_with_bfloat16(tiny_table, mode, bar):
+    """The issue's bars on the tiny model (image, video and text rows), held with the fitted head (a model
+    with a trained model's margins); the random head's near-tied logits are reported, not held."""
+    top1, rel = tiny_table[mode]["fitted"]
+    assert top1 >= bar, tiny_table
+    assert rel < (0.05 if mode == "int8" else 0.4), tiny_table
+    assert tiny_table["margin"]["fitted"] > 4 * tiny_table["margin"]["random"], tiny_table
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, bar", [("int8", 0.98), ("int4", 0.90)])
-def test_top1_agreement_on_the_0_5b_architecture(mode, bar):
-    """Random 0.5B weights with a fitted (untied) lm_head; the issue's bars on the full-size shapes."""
+def test_top1_agreement_on_the_0_5b_architecture():
+    """Random 0.5B weights (tower included), one 384x384 image, a 2-frame video and a text prompt, each its
+    own batch; int4 at the default group size. The fitted head is held to the issue's bars."""
     config = preset("0.5b")
+    tied = random_params(config, seed=0)
     config = config.replace(tie_word_embeddings=False, text=dataclasses.replace(config.text, tie_word_embeddings=False))
-    base = LlavaOnevision.from_params(config, random_params(config, seed=0))
-    ids, mask, media = _prompt_set(config, np.random.default_rng(5))
-    params = confident_params(base, ids, mask, media, steps=60)
-    reference = LlavaOnevision.from_params(config, params, "bfloat16")
-    qparams, qconfig = quantize_params(reference.params, reference.config, QuantConfig(mode))
-    top1, rel = agreement(reference, LlavaOnevision(qconfig, qparams, "bfloat16"), ids, mask, media)
-    print(f"0.5B {mode}: top-1 agreement {top1:.4f}, logit relative error {rel:.4f}")
-    assert top1 >= bar, (top1, rel)
-
-
-@pytest.mark.slow
-def test_logit_error_on_the_0_5b_language_model():
-    """The README's 0.5B numbers: random 0.5B language model (tiny tower), text prompts, random lm_head.
-    Measured: bf16 vs f32 97.7% / 0.025, int8 vs bf16 88.7% / 0.060, int4 (group 128) 12.1% / 0.65: random
-    layers amplify weight noise, so int8 is held to bf16's error scaled by its noise, int4 is reported only."""
-    config = preset("0.5b").replace(vision=preset("tiny").vision)
-    float32 = random_params(config, seed=0)
-    ids = np.random.default_rng(0).integers(1, 150000, (4, 64))
-    exact = np.asarray(LlavaOnevision.from_params(config, float32)(ids).logits).reshape(-1, config.text.vocab_size)
-    reference = LlavaOnevision.from_params(config, float32, "bfloat16")
-    del float32
-    ref = np.asarray(reference(ids).logits).reshape(exact.shape)
-    bf16_error = np.linalg.norm(ref - exact) / np.linalg.norm(exact)
-    for mode in ("int8", "int4"):
-        params, quantized = quantize_params(reference.params, config, QuantConfig(mode, 128))
-        got = np.asarray(LlavaOnevision(quantized, params, "bfloat16")(ids).logits).reshape(exact.shape)
-        top1, rel = (got.argmax(-1) == ref.argmax(-1)).mean(), np.linalg.norm(got - ref) / np.linalg.norm(ref)
-        print(f"0.5B LM {mode}: top-1 agreement with bf16 {top1:.4f}, logit relative error {rel:.4f} "
-              f"(bf16 vs f32: {bf16_error:.4f})")
-        if mode == "int8":
-            assert rel < 4 * bf16_error and top1 >= 0.85, (top1, rel)
+    params = dict(tied, text=dict(tied["text"], lm_head={"kernel": np.ascontiguousarray(tied["text"]["embed"].T)}))
+    del tied
+    rng = np.random.default_rng(5)
+    img, vid = config.image_token_id, config.video_token_id
+    text = lambda n: list(rng.integers(1000, 150000, n))
+    rows = [([img] * image_token_count(384, 384, config.image_grid_pinpoints) + text(24),
+             dict(pixel_values=rng.standard_normal((1, 2, 3, 384, 384)).astype(np.float32),
+                  image_sizes=np.array([[384, 384]]))),
+            ([vid] * video_token_count(2) + text(24),
+             dict(pixel_values_videos=rng.standard_normal((1, 2, 3, 384, 384)).astype(np.float32))),
+            (text(48), {})]
+    prompts = [(np.array([row]), np.ones((1, len(row)), np.int32), media) for row, media in rows]
+    table = agreement_table(config, params, prompts, ("int8", "int4"), QuantConfig("int4").group_size)
+    print(f"0.5B architecture: {table}")
+    assert table["int8"]["fitted"][0] >= 0.98 and table["int4"]["fitted"][0] >= 0.90, table
 
 
 # --- storage ---------------------------------------------------------------------------------------------
