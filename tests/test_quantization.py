@@ -185,7 +185,7 @@ def test_top1_agreement_on_the_0_5b_architecture():
     """Random 0.5B weights (tower included), one 384x384 image, a 2-frame video and a text prompt, each its
     own batch; int4 at the default group size. The fitted head is held to the issue's bars."""
     config = preset("0.5b")
-    tied = random_params(config, seed=0)
+    tied = random_params(config, seed=0, dtype=jnp.bfloat16)  # the reference's own weights (memory: 1.8 GB)
     config = config.replace(tie_word_embeddings=False, text=dataclasses.replace(config.text, tie_word_embeddings=False))
     params = dict(tied, text=dict(tied["text"], lm_head={"kernel": np.ascontiguousarray(tied["text"]["embed"].T)}))
     del tied

@@ -138,6 +138,18 @@ def _quantize_grouped(grouped: jax.Array, group_axis: int, mode: str
     return values.astype(jnp.int8), jnp.squeeze(scale, group_axis), jnp.squeeze(zero, group_axis)
 
 
+# elements quantized at a time (bounds the float32 temporaries of the clipping search: a 7B embedding
+# would otherwise need several float32 copies of itself at once)
+BATCH_ELEMENTS = 1 << 22
+
+
+def _quantize_rows(rows: jax.Array, mode: str) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """``rows [M, n]``, one group each → (int8 values ``[M, n]``, scale ``[M]``, zero ``[M]`` or None),
+    computed a batch of rows at a time."""
+    return jax.lax.map(lambda row: _quantize_grouped(row, 0, mode), rows,
+                       batch_size=max(1, min(rows.shape[0], BATCH_ELEMENTS // rows.shape[1])))
+
+
 @functools.partial(jax.jit, static_argnames=("n_in", "lead", "mode", "groups"))
 def quantize_kernel(kernel: jax.Array, *, n_in: int, lead: int, mode: str, groups: int) -> dict[str, jax.Array]:
     """``kernel [*lead, *in, *out]`` → ``{"kernel": values, "kernel_scale": [*lead, groups, *out]}`` (and for
@@ -145,18 +157,19 @@ def quantize_kernel(kernel: jax.Array, *, n_in: int, lead: int, mode: str, group
     shape, or for int4 uint8 bytes packing pairs along the last input axis."""
     shape = kernel.shape
     split = lead + n_in
-    grouped = kernel.reshape(shape[:lead] + (groups, -1) + shape[split:])
-    values, scale, zero = _quantize_grouped(grouped, lead + 1, mode)
-    values = values.reshape(shape)
+    grouped = jnp.moveaxis(kernel.reshape(shape[:lead] + (groups, -1) + shape[split:]), lead + 1, -1)
+    values, scale, zero = _quantize_rows(grouped.reshape(-1, grouped.shape[-1]), mode)
+    values = jnp.moveaxis(values.reshape(grouped.shape), -1, lead + 1).reshape(shape)
     if mode == "int4":
         values = _pack_int4(values, split - 1)
-    return _leaf(values, scale, zero, kernel.dtype)
+    return _leaf(values, scale, zero, grouped.shape[:-1], kernel.dtype)
 
 
-def _leaf(values: jax.Array, scale: jax.Array, zero: jax.Array | None, dtype) -> dict[str, jax.Array]:
-    leaf = {"kernel": values, "kernel_scale": scale.astype(dtype)}
+def _leaf(values: jax.Array, scale: jax.Array, zero: jax.Array | None, shape: tuple[int, ...], dtype
+          ) -> dict[str, jax.Array]:
+    leaf = {"kernel": values, "kernel_scale": scale.reshape(shape).astype(dtype)}
     if zero is not None:
-        leaf["kernel_zero"] = zero.astype(dtype)
+        leaf["kernel_zero"] = zero.reshape(shape).astype(dtype)
     return leaf
 
 
@@ -165,11 +178,11 @@ def quantize_table(table: jax.Array, *, mode: str, groups: int) -> dict[str, jax
     """A ``[V, H]`` table → ``{"kernel": [V, H] int8 or [V, H/2] uint8, "kernel_scale": [V, groups]}`` (and
     for int4 ``"kernel_zero" [V, groups]``)."""
     rows, n = table.shape
-    values, scale, zero = _quantize_grouped(table.reshape(rows, groups, n // groups), 2, mode)
+    values, scale, zero = _quantize_rows(table.reshape(rows * groups, n // groups), mode)
     values = values.reshape(rows, n)
     if mode == "int4":
         values = _pack_int4(values, 1)
-    return _leaf(values, scale, zero, table.dtype)
+    return _leaf(values, scale, zero, (rows, groups), table.dtype)
 
 
 def quantize_leaf(path: str, leaf: Any, spec: ParamSpec, quant: QuantConfig) -> Any:
