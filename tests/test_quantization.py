@@ -196,7 +196,7 @@ def test_top1_agreement_on_the_0_5b_architecture():
     """Random 0.5B weights (tower included), one 384x384 image, a 2-frame video and a text prompt (24, 24 and
     48 counted positions), each its own batch; int4 at group 128. Measured (fitted head): float32 100%,
     int8 91.7% (per prompt 66.7 / 100 / 100%), int4 80.2% (58.3 / 62.5 / 100%); random head 95.8%, 89.6%,
-    7.3%. The issue's bars hold on the text prompt; after a media block they do not: random attention is
+    7.3%. The issue's bars hold on the text prompt; after a media block they do not, likely (inferred, not measured) because random attention is
     near-uniform, so every text position after 1,458 image placeholders sees almost the same average and
     their hidden states are near-duplicates, which the fitted head separates by slivers. The whole set is
     held to the measured levels."""
