@@ -218,3 +218,73 @@ def test_long_text_prefill_interleaves_with_decoding(tiny_ckpt):
     alone = engine.generate(text(np.random.default_rng(5), config, 6)[None], max_new_tokens=60, stop_token_ids=[],
                             seed=3)
     np.testing.assert_array_equal(running.tokens, alone[0])
+
+
+# --- device errors -----------------------------------------------------------------------------------------
+
+
+def alone(model, ids, new_tokens):
+    return model.generate(ids[None], max_new_tokens=new_tokens, stop_token_ids=[], seed=3)[0]
+
+
+def test_a_failing_decode_fails_the_running_rows_and_the_queue_is_served_after(model, fail_next_call):
+    engine = engine_for(model)
+    rng = np.random.default_rng(6)
+    prompts = [text(rng, model.config, n) for n in (8, 11, 5)]
+    want = alone(model, prompts[2], 9)
+    scheduler = Scheduler(engine, 64)
+    running = [scheduler.submit(request(engine, ids, 20)) for ids in prompts[:2]]
+    while scheduler.running < 2:
+        scheduler.work()
+    waiting = scheduler.submit(request(engine, prompts[2], 9))
+    armed = fail_next_call(engine, "_decode")
+    scheduler.work()
+    assert not armed[0]
+    for r in running:
+        assert r.finished and r.done.is_set() and isinstance(r.error, RuntimeError)
+        assert "injected _decode failure" in str(r.error)
+    assert scheduler.running == 0 and not waiting.finished
+    while scheduler.work():
+        pass
+    assert waiting.error is None
+    np.testing.assert_array_equal(waiting.tokens, want)
+
+
+def test_a_failing_insert_fails_the_batch_and_a_failing_prefill_only_its_request(model, fail_next_call):
+    engine = engine_for(model)
+    rng = np.random.default_rng(7)
+    first, second, third = (text(rng, model.config, n) for n in (6, 9, 7))
+    scheduler = Scheduler(engine, 64)
+    running = scheduler.submit(request(engine, first, 30))
+    while not running.tokens:
+        scheduler.work()
+    fail_next_call(engine, "_prefill")
+    bad_prefill = scheduler.submit(request(engine, second, 5))
+    while not bad_prefill.finished:
+        scheduler.work()
+    assert "injected _prefill failure" in str(bad_prefill.error) and not bad_prefill.tokens
+    assert scheduler.running == 1 and running.error is None  # the running row goes on
+
+    fail_next_call(engine, "_insert")
+    bad_insert = scheduler.submit(request(engine, second, 5))
+    while not bad_insert.finished:
+        scheduler.work()
+    for r in (bad_insert, running):
+        assert r.finished and "injected _insert failure" in str(r.error)
+    assert scheduler.running == 0
+
+    after = scheduler.submit(request(engine, third, 8))
+    while scheduler.work():
+        pass
+    assert after.error is None
+    np.testing.assert_array_equal(after.tokens, alone(model, third, 8))
+
+
+def test_generate_raises_a_device_error_and_the_next_call_works(model, fail_next_call):
+    rng = np.random.default_rng(8)
+    ids = text(rng, model.config, 10)
+    want = alone(model, ids, 10)
+    fail_next_call(engine_for(model), "_decode")
+    with pytest.raises(RuntimeError, match="injected _decode failure"):
+        alone(model, ids, 10)
+    np.testing.assert_array_equal(alone(model, ids, 10), want)

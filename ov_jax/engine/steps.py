@@ -11,9 +11,10 @@ Shapes depend only on buckets. Two KV-cache layouts:
   weights fastest; the copies cost one more set of decoder weights in memory.
 
 Prefill runs the reference path (``qwen2.decoder`` with a prompt-length cache), in one call or chunk by chunk
-into that cache (:func:`prefill_chunk`); decode reuses the same building blocks. Every attention goes through `ov_jax.nn.attention.attention` with the engine's backend (``attention``,
-a name resolved by `ov_jax.nn.backends.resolve_attention`); the unrolled layout's heads-major cache is read
-with ``kv_layout="BNSH"``.
+into that cache (:func:`prefill_chunk`); decode reuses the same building blocks. Every attention goes through
+`ov_jax.nn.attention.attention` with the engine's backend (``attention``, a name resolved by
+`ov_jax.nn.backends.resolve_attention`); the unrolled layout's heads-major cache is read with
+``kv_layout="BNSH"``.
 """
 
 from __future__ import annotations
