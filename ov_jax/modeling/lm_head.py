@@ -2,7 +2,8 @@
 
 :func:`causal_lm_loss` never holds a float32 ``[B, T, V]`` logits tensor: it scans over chunks of positions,
 computing each chunk's logits, log-sum-exp and target logit, and the chunk is rematerialised in the backward
-pass, so the gradient too only ever holds one chunk's ``[B, chunk, V]`` logits.
+pass, so the gradient too only ever holds one chunk's ``[chunk, V]`` logits. Chunks are taken over the
+flattened ``B · T`` tokens, so the peak does not grow with the batch.
 """
 
 from __future__ import annotations
@@ -47,23 +48,22 @@ def causal_lm_loss(params: dict, hidden: jax.Array, labels: jax.Array, *, ignore
     ``params``: the text params (``embed`` / ``lm_head``); ``hidden [B, T, H]``: final-normed hidden states;
     ``labels [B, T]`` int, ``ignore_index`` where no loss is taken. Position ``t`` predicts ``labels[t + 1]``,
     as transformers' ``ForCausalLMLoss``; its mean loss is ``sum / count``. Logits are float32, computed
-    ``chunk_size`` positions at a time.
+    ``chunk_size`` tokens (of the flattened ``B · T``) at a time.
     """
     b, t, h = hidden.shape
-    targets = shift_labels(labels.astype(jnp.int32), ignore_index)
-    chunk = min(chunk_size, t)
-    n = -(-t // chunk)
-    pad = n * chunk - t
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=ignore_index)
-    hidden_chunks = hidden.reshape(b, n, chunk, h).swapaxes(0, 1)
-    target_chunks = targets.reshape(b, n, chunk).swapaxes(0, 1)
+    targets = shift_labels(labels.astype(jnp.int32), ignore_index).reshape(b * t)
+    hidden = hidden.reshape(b * t, h)
+    chunk = min(chunk_size, b * t)
+    n = -(-(b * t) // chunk)
+    pad = n * chunk - b * t
+    hidden_chunks = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(n, chunk, h)
+    target_chunks = jnp.pad(targets, (0, pad), constant_values=ignore_index).reshape(n, chunk)
 
     @jax.checkpoint
     def chunk_loss(params, hidden_chunk, target_chunk):
-        logits = lm_logits(params, hidden_chunk)  # [B, chunk, V] float32
+        logits = lm_logits(params, hidden_chunk)  # [chunk, V] float32
         valid = target_chunk != ignore_index
-        picked = jnp.take_along_axis(logits, jnp.where(valid, target_chunk, 0)[..., None], axis=-1)[..., 0]
+        picked = jnp.take_along_axis(logits, jnp.where(valid, target_chunk, 0)[:, None], axis=-1)[:, 0]
         nll = jax.nn.logsumexp(logits, axis=-1) - picked
         return jnp.sum(jnp.where(valid, nll, 0.0))
 
