@@ -156,16 +156,16 @@ def long_text(processor, tokens: int) -> dict:
     return inputs(max(int(tokens / per_sentence) - 5, 1))
 
 
-def prefill_stall(model, processor, buckets, cache_length: int, decode_tokens: int) -> dict:
-    """Longest gap between deliveries to a decoding row: alone, and while a video or a long text prompt is
-    prefilled, with the buckets' chunked text prefill and with every prompt bucket prefilled in one call (scheduler,
-    in process)."""
+def prefill_stall(model, processor, buckets, cache_length: int, alone_chunks: int) -> dict:
+    """Longest gap between deliveries to a decoding row: alone (over ``alone_chunks`` decode chunks), and while a
+    video or a long text prompt is prefilled, with the buckets' chunked text prefill and with every prompt bucket
+    prefilled in one call (scheduler, in process). The decoding row may fill its whole cache row, so it is still
+    decoding when the other request's prefill ends."""
     import dataclasses
 
     from ov_jax.engine import Request, Scheduler, engine_for
     from ov_jax.engine.scheduler import MediaJob
 
-    gen = model.generation_config.merged(max_new_tokens=decode_tokens, eos_token_id=[])
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Go on."}]}],
                                          add_generation_prompt=True, tokenize=True, return_dict=True)
     video = processor.apply_chat_template([{"role": "user", "content": [
@@ -174,29 +174,35 @@ def prefill_stall(model, processor, buckets, cache_length: int, decode_tokens: i
     largest = max(t for t in buckets.prompt if t <= cache_length - 1)
     long = long_text(processor, largest * 3 // 4)
 
-    def request(engine, inputs, new):
+    def request(engine, inputs, new=None):
         kw = {k: inputs[k] for k in ("pixel_values_videos",) if k in inputs}
-        (row,) = engine.prepare(inputs["input_ids"], inputs["attention_mask"], **kw, generation_config=gen)
+        (row,) = engine.prepare(inputs["input_ids"], inputs["attention_mask"], **kw)
+        new = new or cache_length - row.prompt_length + 1
+        gen = model.generation_config.merged(max_new_tokens=new, eos_token_id=[])
         media = MediaJob(row.tower_inputs) if len(row.tower_inputs) else None
         return Request(row, engine.row_settings(gen, new), media=media)
 
-    def longest_gap(scheduler, joining_inputs) -> float:
+    def longest_gap(scheduler, joining_inputs) -> tuple[float, float]:
+        """The longest gap and the joining request's time to first token (0 alone)."""
         engine = scheduler.engine
-        running = scheduler.submit(request(engine, text, decode_tokens))
+        running = scheduler.submit(request(engine, text))
         while not running.tokens:
             scheduler.work()
         joining = scheduler.submit(request(engine, joining_inputs, 2)) if joining_inputs is not None else None
         last, gap = time.perf_counter(), 0.0
-        seen = len(running.tokens)
-        while not running.finished and (joining is None or not joining.finished):
+        seen, chunks = len(running.tokens), 0
+        while not joining.finished if joining is not None else chunks < alone_chunks:
             scheduler.work()
+            chunks += 1
             if len(running.tokens) > seen:
                 now = time.perf_counter()
                 gap, last, seen = max(gap, now - last), now, len(running.tokens)
+        if running.finished:
+            raise RuntimeError("the decoding row ended before the prefill did; use a longer --cache-length")
         scheduler.cancel(running)
         while scheduler.work():
             pass
-        return gap
+        return gap, joining.first_token_at - joining.submitted_at if joining is not None else 0.0
 
     out = {"video_prompt_tokens": int(video["input_ids"].shape[1]),
            "text_prompt_tokens": int(long["input_ids"].shape[1]), "prefill_chunk": buckets.prefill_chunk}
@@ -206,9 +212,9 @@ def prefill_stall(model, processor, buckets, cache_length: int, decode_tokens: i
         longest_gap(scheduler, video)  # compile
         longest_gap(scheduler, long)
         if not label:
-            out["decode_gap_s_alone"] = longest_gap(scheduler, None)
-        out[f"decode_gap_s_video_prefill{label}"] = longest_gap(scheduler, video)
-        out[f"decode_gap_s_text_prefill{label}"] = longest_gap(scheduler, long)
+            out["decode_gap_s_alone"] = longest_gap(scheduler, None)[0]
+        for kind, inputs in (("video", video), ("text", long)):
+            out[f"decode_gap_s_{kind}_prefill{label}"], out[f"ttft_s_{kind}{label}"] = longest_gap(scheduler, inputs)
     return out
 
 
@@ -259,7 +265,7 @@ def main(argv=None) -> int:
                 proc.wait(timeout=120)
             sequential, model, processor = sequential_generate(model_dir, requests, args.max_tokens, buckets)
             rows.append(sequential)
-        stall = prefill_stall(model, processor, buckets, args.cache_length, 48 if args.dry_run else 128)
+        stall = prefill_stall(model, processor, buckets, args.cache_length, 6 if args.dry_run else 16)
     lines = ["| clients | requests | completion tok/s | TTFT p50 s | TTFT p95 s |", "|---|---|---|---|---|"]
     lines = lines if rows else []
     lines += [f"| {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} | {r['ttft_p95']:.3f} |"
@@ -269,7 +275,9 @@ def main(argv=None) -> int:
                  f"prompt is prefilled ({stall['decode_gap_s_video_prefill_one_call']:.3f} s with its text prefill in "
                  f"one call), {stall['decode_gap_s_text_prefill']:.3f} s while a {stall['text_prompt_tokens']}-token "
                  f"text prompt is prefilled in {stall['prefill_chunk']}-slot chunks "
-                 f"({stall['decode_gap_s_text_prefill_one_call']:.3f} s in one call)")
+                 f"({stall['decode_gap_s_text_prefill_one_call']:.3f} s in one call); their time to first token "
+                 f"{stall['ttft_s_video']:.2f} s and {stall['ttft_s_text']:.2f} s "
+                 f"({stall['ttft_s_video_one_call']:.2f} s and {stall['ttft_s_text_one_call']:.2f} s in one call)")
     print("\n".join(lines))
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps({"rows": rows, "stall": stall}, indent=1))
