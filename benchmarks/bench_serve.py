@@ -12,8 +12,10 @@ folder):
   ``--image-size`` pixels square (one anyres tile besides the base), the video the first ``--video-frames``
   frames of the sample clip; both are local files, since transformers' ``load_video`` reads no data URIs;
 * the same requests one after another through ``model.generate`` in this process (after the servers stopped);
-* the stall a long video prefill causes to a running decode: the longest gap between token deliveries of a row
-  that is decoding while a video request is prefilled, against the gap without it (scheduler, in process).
+* the stall a long prefill causes to a running decode: the longest gap between token deliveries of a row that is
+  decoding while a video request (the whole 16-frame sample clip) or a long text prompt (3/4 of the largest prompt
+  bucket) is prefilled, against the gap without it, with chunked text prefill (``Buckets.prefill_chunk``) and with
+  each prompt prefilled in one call (scheduler, in process). ``--stall-only`` measures only this (no server).
 
 A request kind transformers serve cannot answer (it needs an importable ``torchvision`` for its
 LlavaOnevisionProcessor; it runs LLaVA-OneVision without continuous batching, which it offers to text-only
@@ -50,7 +52,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout
 from machine import cpu_info, cpu_line  # noqa: E402  (benchmarks/, the script's folder)
 
 KINDS = ("text", "image", "video")
-STALL_DECODE_TOKENS = 128
+STALL_CACHE_MARGIN = 128  # stall cache slots past its largest prompt bucket
 CB_FALLBACK = "does not support continuous batching"  # transformers serve's log line when it falls back
 
 
@@ -312,46 +314,77 @@ def sequential_generate(model, processor, requests: list, max_tokens: int, bucke
                    time.perf_counter() - start)
 
 
-def video_stall(model, processor, buckets, cache_length: int, decode_tokens: int) -> dict:
-    """Longest gap between deliveries to a decoding row, without and with a video prefilled meanwhile."""
+def long_text(processor, tokens: int) -> dict:
+    """Processor inputs of a text-only chat turn of about ``tokens`` prompt tokens."""
+    def inputs(sentences):
+        text = " ".join(f"Item {i} of the list is a river, a tree or a house." for i in range(sentences))
+        return processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": text}]}],
+                                             add_generation_prompt=True, tokenize=True, return_dict=True)
+
+    per_sentence = (inputs(20)["input_ids"].shape[1] - inputs(10)["input_ids"].shape[1]) / 10
+    return inputs(max(int(tokens / per_sentence) - 5, 1))
+
+
+def prefill_stall(model, processor, buckets, cache_length: int, alone_chunks: int) -> dict:
+    """Longest gap between deliveries to a decoding row: alone (over ``alone_chunks`` decode chunks), and while a
+    video or a long text prompt is prefilled, with the buckets' chunked text prefill and with every prompt bucket
+    prefilled in one call (scheduler, in process). The decoding row may fill its whole cache row, so it is still
+    decoding when the other request's prefill ends."""
+    import dataclasses
+
     from ov_jax.engine import Request, Scheduler, engine_for
     from ov_jax.engine.scheduler import MediaJob
 
-    engine = engine_for(model, buckets)
-    scheduler = Scheduler(engine, cache_length)
-    gen = model.generation_config.merged(max_new_tokens=decode_tokens, eos_token_id=[])
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Go on."}]}],
                                          add_generation_prompt=True, tokenize=True, return_dict=True)
     video = processor.apply_chat_template([{"role": "user", "content": [
         {"type": "video", "video": str(ASSETS / "sample.mp4")}, {"type": "text", "text": "What happens?"}]}],
         add_generation_prompt=True, tokenize=True, return_dict=True)
+    largest = max(t for t in buckets.prompt if t <= cache_length - 1)
+    long = long_text(processor, largest * 3 // 4)
 
-    def request(inputs, new):
+    def request(engine, inputs, new=None):
         kw = {k: inputs[k] for k in ("pixel_values_videos",) if k in inputs}
-        (row,) = engine.prepare(inputs["input_ids"], inputs["attention_mask"], **kw, generation_config=gen)
+        (row,) = engine.prepare(inputs["input_ids"], inputs["attention_mask"], **kw)
+        new = new or cache_length - row.prompt_length + 1
+        gen = model.generation_config.merged(max_new_tokens=new, eos_token_id=[])
         media = MediaJob(row.tower_inputs) if len(row.tower_inputs) else None
         return Request(row, engine.row_settings(gen, new), media=media)
 
-    def longest_gap(with_video: bool) -> float:
-        running = scheduler.submit(request(text, decode_tokens))
+    def longest_gap(scheduler, joining_inputs) -> tuple[float, float]:
+        """The longest gap and the joining request's time to first token (0 alone)."""
+        engine = scheduler.engine
+        running = scheduler.submit(request(engine, text))
         while not running.tokens:
             scheduler.work()
-        joining = scheduler.submit(request(video, 2)) if with_video else None
+        joining = scheduler.submit(request(engine, joining_inputs, 2)) if joining_inputs is not None else None
         last, gap = time.perf_counter(), 0.0
-        seen = len(running.tokens)
-        while not running.finished and (joining is None or not joining.finished):
+        seen, chunks = len(running.tokens), 0
+        while not joining.finished if joining is not None else chunks < alone_chunks:
             scheduler.work()
+            chunks += 1
             if len(running.tokens) > seen:
                 now = time.perf_counter()
                 gap, last, seen = max(gap, now - last), now, len(running.tokens)
+        if running.finished:
+            raise RuntimeError("the decoding row ended before the prefill did; use a longer --cache-length")
         scheduler.cancel(running)
         while scheduler.work():
             pass
-        return gap
+        return gap, joining.first_token_at - joining.submitted_at if joining is not None else 0.0
 
-    longest_gap(True)  # compile
-    return {"decode_gap_s_alone": longest_gap(False), "decode_gap_s_video_prefill": longest_gap(True),
-            "video_prompt_tokens": int(video["input_ids"].shape[1])}
+    out = {"video_prompt_tokens": int(video["input_ids"].shape[1]),
+           "text_prompt_tokens": int(long["input_ids"].shape[1]), "prefill_chunk": buckets.prefill_chunk}
+    one_call = dataclasses.replace(buckets, prefill_chunk=max(buckets.prompt))
+    for label, b in (("", buckets), ("_one_call", one_call)):
+        scheduler = Scheduler(engine_for(model, b), cache_length)
+        longest_gap(scheduler, video)  # compile
+        longest_gap(scheduler, long)
+        if not label:
+            out["decode_gap_s_alone"] = longest_gap(scheduler, None)[0]
+        for kind, inputs in (("video", video), ("text", long)):
+            out[f"decode_gap_s_{kind}_prefill{label}"], out[f"ttft_s_{kind}{label}"] = longest_gap(scheduler, inputs)
+    return out
 
 
 def ratio(row: dict, other: dict | None, key: str) -> str:
@@ -366,9 +399,10 @@ def table(results: dict) -> str:
     rows = results["rows"]
     by = {(r["system"], r["clients"]): r for r in rows}
     sequential = by.get(("sequential generate", 1))
-    lines = ["| system | clients | requests | kinds | completion tok/s | TTFT p50 s | TTFT p95 s | tok/s ÷ "
-             "transformers serve | TTFT p50 ÷ transformers serve | tok/s ÷ sequential generate |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["| system | clients | requests | kinds | completion tok/s | TTFT p50 s | TTFT p95 s | tok/s ÷ "
+              "transformers serve | TTFT p50 ÷ transformers serve | tok/s ÷ sequential generate |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = header if rows else []
     for r in rows:
         ours = r["system"] == "ov-jax serve"
         theirs = by.get(("transformers serve", r["clients"])) if ours else None
@@ -381,7 +415,12 @@ def table(results: dict) -> str:
     stall = results["stall"]
     lines.append(f"\nlongest gap between a running row's tokens: {stall['decode_gap_s_alone']:.3f} s alone, "
                  f"{stall['decode_gap_s_video_prefill']:.3f} s while a {stall['video_prompt_tokens']}-token video "
-                 "prompt is prefilled")
+                 f"prompt is prefilled ({stall['decode_gap_s_video_prefill_one_call']:.3f} s with its text prefill in "
+                 f"one call), {stall['decode_gap_s_text_prefill']:.3f} s while a {stall['text_prompt_tokens']}-token "
+                 f"text prompt is prefilled in {stall['prefill_chunk']}-slot chunks "
+                 f"({stall['decode_gap_s_text_prefill_one_call']:.3f} s in one call); their time to first token "
+                 f"{stall['ttft_s_video']:.2f} s and {stall['ttft_s_text']:.2f} s "
+                 f"({stall['ttft_s_video_one_call']:.2f} s and {stall['ttft_s_text_one_call']:.2f} s in one call)")
     return "\n".join(lines)
 
 
@@ -403,6 +442,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-buckets", help="ov-jax prompt buckets (default: from the workload's token counts)")
     parser.add_argument("--no-transformers-serve", action="store_true", help="skip the transformers serve leg")
     parser.add_argument("--dry-run", action="store_true", help="3 requests, clients 1 and 2, 4 tokens")
+    parser.add_argument("--stall-only", action="store_true", help="measure only the prefill stall (no server)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
@@ -431,28 +471,25 @@ def main(argv=None) -> int:
             prompts = sorted(int(t) for t in args.prompt_buckets.split(","))
         cache = args.cache_length or bucket(max(prompts) + args.max_tokens)
         stall_prompts = sorted({*prompts, bucket(tokens["stall video"])})
-        stall_cache = args.cache_length or bucket(max(stall_prompts) + STALL_DECODE_TOKENS)
+        stall_cache = max(args.cache_length or 0, bucket(max(stall_prompts) + STALL_CACHE_MARGIN))
         runs = [(c, workload(mix, n, media)) for c, n in zip(clients, counts)]
         flags = ["--max-batch-size", str(max(clients)), "--max-queue", str(max(counts) + 1), "--cache-length",
                  str(cache), "--prompt-buckets", ",".join(map(str, prompts))]
-        with open(folder / "ov-jax.log", "w+") as log:
-            rows, notes = serve_rows("ov-jax serve", lambda log: start_ov_jax(model_dir, flags, log), model_dir,
-                                     runs, args.max_tokens, args.video_frames, log)
-        results["rows"] += rows
-        results["notes"] += notes
-        if not args.no_transformers_serve:
-            with open(folder / "transformers.log", "w+") as log:
-                rows, notes = serve_rows("transformers serve", lambda log: start_transformers(model_dir, log),
-                                         model_dir, runs, args.max_tokens, args.video_frames, log)
+        legs = [] if args.stall_only else [("ov-jax serve", lambda log: start_ov_jax(model_dir, flags, log))]
+        if not (args.stall_only or args.no_transformers_serve):
+            legs.append(("transformers serve", lambda log: start_transformers(model_dir, log)))
+        for system, start in legs:
+            with open(folder / f"{system.split()[0]}.log", "w+") as log:
+                rows, notes = serve_rows(system, start, model_dir, runs, args.max_tokens, args.video_frames, log)
             results["rows"] += rows
             results["notes"] += notes
         model = LlavaOnevision.from_pretrained(model_dir)
-        buckets = Buckets(batch=(max(clients),), prompt=tuple(prompts), cache=(cache,))
-        results["rows"].append(sequential_generate(model, processor, max(runs, key=lambda r: len(r[1]))[1],
-                                                   args.max_tokens, buckets))
+        if not args.stall_only:
+            buckets = Buckets(batch=(max(clients),), prompt=tuple(prompts), cache=(cache,))
+            results["rows"].append(sequential_generate(model, processor, max(runs, key=lambda r: len(r[1]))[1],
+                                                       args.max_tokens, buckets))
         stall_buckets = Buckets(batch=(max(clients),), prompt=tuple(stall_prompts), cache=(stall_cache,))
-        results["stall"] = video_stall(model, processor, stall_buckets, stall_cache,
-                                       48 if args.dry_run else STALL_DECODE_TOKENS)
+        results["stall"] = prefill_stall(model, processor, stall_buckets, stall_cache, 6 if args.dry_run else 16)
     print(table(results))
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(results, indent=1))

@@ -1,5 +1,5 @@
 """`benchmarks/bench_serve.py --preset tiny --dry-run` runs end to end and reports every row, the transformers serve
-leg (its rows, or why a request kind or the whole server did not run) and the stall; the 0.5B preset's tokenizer
+leg (its rows, or why a request kind or the whole server did not run) and the stalls; the 0.5B preset's tokenizer
 decodes every id of the large vocab without changing how text encodes."""
 
 import json
@@ -51,7 +51,11 @@ def test_bench_serve_dry_run(tmp_path):
         ran = set(theirs[0]["kinds"].split(","))
         assert all(any(f"{kind} requests not run" in n for n in notes) for kind in KINDS - ran), notes
         assert any("continuous batching" in n for n in notes)  # VLMs fall back to sequential generation
-    assert numbers["stall"]["decode_gap_s_video_prefill"] > 0 and numbers["stall"]["video_prompt_tokens"] > 1000
+    stall = numbers["stall"]
+    assert stall["decode_gap_s_video_prefill"] > 0 and stall["video_prompt_tokens"] > 1000
+    assert "text prompt is prefilled in 512-slot chunks" in result.stdout
+    assert stall["decode_gap_s_text_prefill"] > 0 and stall["decode_gap_s_text_prefill_one_call"] > 0
+    assert stall["text_prompt_tokens"] > 2 * stall["prefill_chunk"]
 
 
 def test_fill_vocab_decodes_every_id_and_keeps_encoding(bench_serve, tiny_ckpt, tmp_path):
