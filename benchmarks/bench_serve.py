@@ -15,15 +15,19 @@ folder):
 * the stall a long prefill causes to a running decode: the longest gap between token deliveries of a row that is
   decoding while a video request (the whole 16-frame sample clip) or a long text prompt (3/4 of the largest prompt
   bucket) is prefilled, against the gap without it, with chunked text prefill (``Buckets.prefill_chunk``) and with
-  each prompt prefilled in one call (scheduler, in process). ``--stall-only`` measures only this (no server).
+  each prompt prefilled in one call (scheduler, in process). ``--stall-only`` measures only this (no server),
+  ``--no-stall`` all but this.
 
-A request kind transformers serve cannot answer (it needs an importable ``torchvision`` for its
-LlavaOnevisionProcessor; it runs LLaVA-OneVision without continuous batching, which it offers to text-only
-models) is left out of its rows and the reason printed under the table. ``--no-transformers-serve`` skips it.
+transformers serve needs ``accelerate`` and an importable ``torchvision`` (the LlavaOnevisionProcessor it loads
+builds its video processor even for text requests); it reads a video's audio track too (it counts LLaVA-OneVision
+as a multimodal LM), which needs ``torchcodec``; it offers continuous batching to text-only models only, so it
+generates one request at a time. A request kind it cannot answer is left out of its rows, and the reason from its
+log printed under the table (as is why it did not start, if it did not). ``--no-transformers-serve`` skips it.
 Prompt buckets and cache lengths are derived from the workload's token counts unless given.
 
-    python benchmarks/bench_serve.py --preset 0.5b             # the comparison (a quiet host: ~20 min on 2 cores)
-    python benchmarks/bench_serve.py --preset tiny --dry-run   # seconds-long check that the script works
+    python benchmarks/bench_serve.py --preset 0.5b             # everything (tens of minutes on a 2-core host)
+    python benchmarks/bench_serve.py --preset 0.5b --no-stall  # the servers and sequential generate only
+    python benchmarks/bench_serve.py --preset tiny --dry-run   # a quick check that the script works
 
 ``--dry-run`` shrinks everything (CI checks that the script runs). Prints a markdown table with the CPU's SIMD
 flags; ``--out`` writes the numbers as JSON.
@@ -412,6 +416,8 @@ def table(results: dict) -> str:
     counts = ", ".join(f"{k} {n}" for k, n in results["prompt_tokens"].items())
     lines += ["", cpu_line(results["cpu"]), f"prompt tokens: {counts}; max_tokens {results['max_tokens']}",
               *results["notes"]]
+    if "stall" not in results:
+        return "\n".join(lines)
     stall = results["stall"]
     lines.append(f"\nlongest gap between a running row's tokens: {stall['decode_gap_s_alone']:.3f} s alone, "
                  f"{stall['decode_gap_s_video_prefill']:.3f} s while a {stall['video_prompt_tokens']}-token video "
@@ -443,6 +449,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-transformers-serve", action="store_true", help="skip the transformers serve leg")
     parser.add_argument("--dry-run", action="store_true", help="3 requests, clients 1 and 2, 4 tokens")
     parser.add_argument("--stall-only", action="store_true", help="measure only the prefill stall (no server)")
+    parser.add_argument("--no-stall", action="store_true", help="skip the prefill stall measurement")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
@@ -488,11 +495,17 @@ def main(argv=None) -> int:
             buckets = Buckets(batch=(max(clients),), prompt=tuple(prompts), cache=(cache,))
             results["rows"].append(sequential_generate(model, processor, max(runs, key=lambda r: len(r[1]))[1],
                                                        args.max_tokens, buckets))
+        if args.no_stall:
+            return report(results, args.out)
         stall_buckets = Buckets(batch=(max(clients),), prompt=tuple(stall_prompts), cache=(stall_cache,))
         results["stall"] = prefill_stall(model, processor, stall_buckets, stall_cache, 6 if args.dry_run else 16)
+    return report(results, args.out)
+
+
+def report(results: dict, out: str | None) -> int:
     print(table(results))
-    if args.out:
-        pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
+    if out:
+        pathlib.Path(out).write_text(json.dumps(results, indent=1))
     return 0
 
 
