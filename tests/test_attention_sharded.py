@@ -3,7 +3,8 @@
 XLA cannot partition a Pallas kernel, so the splash and cuDNN backends run per shard by ``jax.shard_map``
 (`ov_jax.nn.attention.per_shard_self_attention`) when a mesh is active. On the tiny model (text: 4 query / 2 KV
 heads; vision: 2 heads) ``tensor=2`` shards every head axis, and ``tensor=4`` takes both fallbacks of the rules
-table: text KV heads replicated with each shard reading its one KV head, vision heads computed whole.
+table: text KV heads replicated with each shard reading its one KV head, vision heads computed whole. The
+engine compiles under its params' mesh, so its prefill takes the same path.
 """
 
 import numpy as np
@@ -75,3 +76,26 @@ def test_cudnn_call_per_shard_equals_the_reference(mesh, causal):
         assert run.lower(q, k, v, valid).as_text().count("sdy.manual_computation") == 1
     rows = np.asarray(valid)
     assert np.abs(ours[rows] - expected[rows]).max() <= 1e-6
+
+
+def test_engine_prefill_runs_splash_per_shard(tiny_ckpt, monkeypatch):
+    """The engine compiles under its params' mesh: its prefill runs splash by ``shard_map`` (a spy on
+    ``jax.shard_map``) and generates the unsharded engine's tokens on a left-padded batch."""
+    from ov_jax.engine import Buckets, engine_for
+
+    ids = np.random.default_rng(1).integers(3, 200, (4, 10))
+    mask = np.ones_like(ids)
+    mask[1, :4] = mask[3, :2] = 0
+    buckets = Buckets(batch=(4,), prompt=(128,), cache=(136,))
+
+    def generate(model):
+        return engine_for(model, buckets).generate(ids, mask, max_new_tokens=4, stop_token_ids=[])
+
+    want = generate(LlavaOnevision.from_pretrained(tiny_ckpt, attention="splash"))
+    calls = []
+    shard_map = jax.shard_map
+    monkeypatch.setattr(jax, "shard_map", lambda *a, **kw: calls.append(kw["in_specs"]) or shard_map(*a, **kw))
+    got = generate(LlavaOnevision.from_pretrained(tiny_ckpt, attention="splash", mesh="data=4,tensor=2"))
+    np.testing.assert_array_equal(got, want)
+    # Prefill runs one request (batch 1, rows whole) per call; heads over tensor.
+    assert calls and calls[0][0] == jax.sharding.PartitionSpec(None, None, "tensor", None)
