@@ -7,8 +7,10 @@ temporary folder):
   tokens/s over the whole run and time to first token p50 / p95, streamed through the official ``openai``
   client against a real server process;
 * the same requests one after another through ``model.generate`` in this process (after the server stopped);
-* the stall a long video prefill causes to a running decode: the longest gap between token deliveries of a row
-  that is decoding while a video request is prefilled, against the gap without it (scheduler, in process).
+* the stall a long prefill causes to a running decode: the longest gap between token deliveries of a row that is
+  decoding while a video request or a long text prompt (3/4 of the largest prompt bucket) is prefilled, against
+  the gap without it, with chunked text prefill (``Buckets.prefill_chunk``) and with each prompt prefilled in one
+  call (scheduler, in process). ``--stall-only`` measures only this (no server).
 
 ``--dry-run`` shrinks everything (CI checks that the script runs). Prints a markdown table; ``--out`` writes the
 numbers as JSON.
@@ -138,46 +140,77 @@ def sequential_generate(model_dir: str, requests: list, max_tokens: int, buckets
             "ttft_p95": float(np.percentile(ttft, 95))}, model, processor
 
 
-def video_stall(model, processor, buckets, cache_length: int, decode_tokens: int) -> dict:
-    """Longest gap between deliveries to a decoding row, without and with a video prefilled meanwhile."""
+def long_text(processor, tokens: int) -> dict:
+    """Processor inputs of a text-only chat turn of about ``tokens`` prompt tokens."""
+    def inputs(sentences):
+        text = " ".join(f"Item {i} of the list is a river, a tree or a house." for i in range(sentences))
+        return processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": text}]}],
+                                             add_generation_prompt=True, tokenize=True, return_dict=True)
+
+    per_sentence = (inputs(20)["input_ids"].shape[1] - inputs(10)["input_ids"].shape[1]) / 10
+    return inputs(max(int(tokens / per_sentence) - 5, 1))
+
+
+def prefill_stall(model, processor, buckets, cache_length: int, alone_chunks: int) -> dict:
+    """Longest gap between deliveries to a decoding row: alone (over ``alone_chunks`` decode chunks), and while a
+    video or a long text prompt is prefilled, with the buckets' chunked text prefill and with every prompt bucket
+    prefilled in one call (scheduler, in process). The decoding row may fill its whole cache row, so it is still
+    decoding when the other request's prefill ends."""
+    import dataclasses
+
     from ov_jax.engine import Request, Scheduler, engine_for
     from ov_jax.engine.scheduler import MediaJob
 
-    engine = engine_for(model, buckets)
-    scheduler = Scheduler(engine, cache_length)
-    gen = model.generation_config.merged(max_new_tokens=decode_tokens, eos_token_id=[])
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Go on."}]}],
                                          add_generation_prompt=True, tokenize=True, return_dict=True)
     video = processor.apply_chat_template([{"role": "user", "content": [
         {"type": "video", "video": str(ASSETS / "sample.mp4")}, {"type": "text", "text": "What happens?"}]}],
         add_generation_prompt=True, tokenize=True, return_dict=True)
+    largest = max(t for t in buckets.prompt if t <= cache_length - 1)
+    long = long_text(processor, largest * 3 // 4)
 
-    def request(inputs, new):
+    def request(engine, inputs, new=None):
         kw = {k: inputs[k] for k in ("pixel_values_videos",) if k in inputs}
-        (row,) = engine.prepare(inputs["input_ids"], inputs["attention_mask"], **kw, generation_config=gen)
+        (row,) = engine.prepare(inputs["input_ids"], inputs["attention_mask"], **kw)
+        new = new or cache_length - row.prompt_length + 1
+        gen = model.generation_config.merged(max_new_tokens=new, eos_token_id=[])
         media = MediaJob(row.tower_inputs) if len(row.tower_inputs) else None
         return Request(row, engine.row_settings(gen, new), media=media)
 
-    def longest_gap(with_video: bool) -> float:
-        running = scheduler.submit(request(text, decode_tokens))
+    def longest_gap(scheduler, joining_inputs) -> tuple[float, float]:
+        """The longest gap and the joining request's time to first token (0 alone)."""
+        engine = scheduler.engine
+        running = scheduler.submit(request(engine, text))
         while not running.tokens:
             scheduler.work()
-        joining = scheduler.submit(request(video, 2)) if with_video else None
+        joining = scheduler.submit(request(engine, joining_inputs, 2)) if joining_inputs is not None else None
         last, gap = time.perf_counter(), 0.0
-        seen = len(running.tokens)
-        while not running.finished and (joining is None or not joining.finished):
+        seen, chunks = len(running.tokens), 0
+        while not joining.finished if joining is not None else chunks < alone_chunks:
             scheduler.work()
+            chunks += 1
             if len(running.tokens) > seen:
                 now = time.perf_counter()
                 gap, last, seen = max(gap, now - last), now, len(running.tokens)
+        if running.finished:
+            raise RuntimeError("the decoding row ended before the prefill did; use a longer --cache-length")
         scheduler.cancel(running)
         while scheduler.work():
             pass
-        return gap
+        return gap, joining.first_token_at - joining.submitted_at if joining is not None else 0.0
 
-    longest_gap(True)  # compile
-    return {"decode_gap_s_alone": longest_gap(False), "decode_gap_s_video_prefill": longest_gap(True),
-            "video_prompt_tokens": int(video["input_ids"].shape[1])}
+    out = {"video_prompt_tokens": int(video["input_ids"].shape[1]),
+           "text_prompt_tokens": int(long["input_ids"].shape[1]), "prefill_chunk": buckets.prefill_chunk}
+    one_call = dataclasses.replace(buckets, prefill_chunk=max(buckets.prompt))
+    for label, b in (("", buckets), ("_one_call", one_call)):
+        scheduler = Scheduler(engine_for(model, b), cache_length)
+        longest_gap(scheduler, video)  # compile
+        longest_gap(scheduler, long)
+        if not label:
+            out["decode_gap_s_alone"] = longest_gap(scheduler, None)[0]
+        for kind, inputs in (("video", video), ("text", long)):
+            out[f"decode_gap_s_{kind}_prefill{label}"], out[f"ttft_s_{kind}{label}"] = longest_gap(scheduler, inputs)
+    return out
 
 
 def main(argv=None) -> int:
@@ -191,6 +224,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-length", type=int, default=4160)
     parser.add_argument("--prompt-buckets", default="64,1024,4096")
     parser.add_argument("--dry-run", action="store_true", help="2 requests, clients 1 and 2, 4 tokens")
+    parser.add_argument("--stall-only", action="store_true", help="measure only the prefill stall (no server)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
@@ -202,29 +236,43 @@ def main(argv=None) -> int:
             from ov_jax.tiny import make_tiny
 
             model_dir = str(make_tiny(pathlib.Path(tmp) / "tiny"))
-        flags = ["--max-batch-size", str(max(clients)), "--max-queue", str(args.requests + 1), "--cache-length",
-                 str(args.cache_length), "--prompt-buckets", args.prompt_buckets]
-        proc, url = start_server(model_dir, flags)
-        try:
-            requests = workload(args.requests)
-            run_clients(url, requests[:3], 1, args.max_tokens)  # first use of each kind, outside the timing
-            rows = [run_clients(url, requests, c, args.max_tokens) for c in clients]
-        finally:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=120)
         from ov_jax.engine import Buckets
 
         buckets = Buckets(batch=(max(clients),), prompt=tuple(int(t) for t in args.prompt_buckets.split(",")),
                           cache=(args.cache_length,))
-        sequential, model, processor = sequential_generate(model_dir, requests, args.max_tokens, buckets)
-        rows.append(sequential)
-        stall = video_stall(model, processor, buckets, args.cache_length, 48 if args.dry_run else 128)
+        rows = []
+        if args.stall_only:
+            from ov_jax.model import LlavaOnevision
+            from ov_jax.processing import LlavaOnevisionProcessor
+
+            model = LlavaOnevision.from_pretrained(model_dir)
+            processor = LlavaOnevisionProcessor.from_pretrained(model_dir)
+        else:
+            flags = ["--max-batch-size", str(max(clients)), "--max-queue", str(args.requests + 1), "--cache-length",
+                     str(args.cache_length), "--prompt-buckets", args.prompt_buckets]
+            proc, url = start_server(model_dir, flags)
+            try:
+                requests = workload(args.requests)
+                run_clients(url, requests[:3], 1, args.max_tokens)  # first use of each kind, outside the timing
+                rows = [run_clients(url, requests, c, args.max_tokens) for c in clients]
+            finally:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=120)
+            sequential, model, processor = sequential_generate(model_dir, requests, args.max_tokens, buckets)
+            rows.append(sequential)
+        stall = prefill_stall(model, processor, buckets, args.cache_length, 6 if args.dry_run else 16)
     lines = ["| clients | requests | completion tok/s | TTFT p50 s | TTFT p95 s |", "|---|---|---|---|---|"]
+    lines = lines if rows else []
     lines += [f"| {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} | {r['ttft_p95']:.3f} |"
               for r in rows]
     lines.append(f"\nlongest gap between a running row's tokens: {stall['decode_gap_s_alone']:.3f} s alone, "
                  f"{stall['decode_gap_s_video_prefill']:.3f} s while a {stall['video_prompt_tokens']}-token video "
-                 "prompt is prefilled")
+                 f"prompt is prefilled ({stall['decode_gap_s_video_prefill_one_call']:.3f} s with its text prefill in "
+                 f"one call), {stall['decode_gap_s_text_prefill']:.3f} s while a {stall['text_prompt_tokens']}-token "
+                 f"text prompt is prefilled in {stall['prefill_chunk']}-slot chunks "
+                 f"({stall['decode_gap_s_text_prefill_one_call']:.3f} s in one call); their time to first token "
+                 f"{stall['ttft_s_video']:.2f} s and {stall['ttft_s_text']:.2f} s "
+                 f"({stall['ttft_s_video_one_call']:.2f} s and {stall['ttft_s_text_one_call']:.2f} s in one call)")
     print("\n".join(lines))
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps({"rows": rows, "stall": stall}, indent=1))

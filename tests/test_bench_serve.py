@@ -1,4 +1,4 @@
-"""`benchmarks/bench_serve.py --preset tiny --dry-run` runs end to end and reports every row and the stall."""
+"""`benchmarks/bench_serve.py --preset tiny --dry-run` runs end to end and reports every row and the stalls."""
 
 import json
 import os
@@ -25,4 +25,8 @@ def test_bench_serve_dry_run(tmp_path):
     numbers = json.loads(out.read_text())
     assert [r["clients"] for r in numbers["rows"]] == [1, 2, "sequential generate"]
     assert all(r["tokens"] > 0 and r["tok_s"] > 0 and r["ttft_p95"] >= r["ttft_p50"] > 0 for r in numbers["rows"])
-    assert numbers["stall"]["decode_gap_s_video_prefill"] > 0 and numbers["stall"]["video_prompt_tokens"] > 1000
+    stall = numbers["stall"]
+    assert stall["decode_gap_s_video_prefill"] > 0 and stall["video_prompt_tokens"] > 1000
+    assert "text prompt is prefilled in 512-slot chunks" in result.stdout
+    assert stall["decode_gap_s_text_prefill"] > 0 and stall["decode_gap_s_text_prefill_one_call"] > 0
+    assert stall["text_prompt_tokens"] > 2 * stall["prefill_chunk"]
