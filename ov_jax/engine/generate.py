@@ -16,6 +16,7 @@ for a row that is cancelled. ``generate`` is a client of a scheduler.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -174,7 +175,9 @@ class Engine:
                 exe = self._executables.get(full_key)
                 if exe is None:
                     start = time.perf_counter()
-                    exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+                    # Traced under the mesh: activation shardings from the rules table, fused attention per shard.
+                    with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+                        exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
                     if self.mesh is not None:
                         exe = sh.sharded_call(exe)
                     record = CompileRecord(name, key, time.perf_counter() - start)
