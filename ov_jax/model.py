@@ -6,6 +6,7 @@ on a host-side media plan (`ov_jax.media_plan`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -21,6 +22,7 @@ from ov_jax.media_plan import build_media_plan
 from ov_jax.modeling import llava, lm_head
 from ov_jax.nn.backends import platform_of, resolve_attention
 from ov_jax.params import LoraSpec, check_tree, param_specs
+from ov_jax.sharding import mesh_of
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -219,6 +221,14 @@ class LlavaOnevision:
         return jax.jit(functools.partial(llava.hidden_states, config=self.config, dtype=self.dtype,
                                          attention=self.attention))
 
+    def _hidden(self, inputs: tuple) -> jax.Array:
+        """`llava.hidden_states` of :meth:`_inputs`, traced under the params' mesh when they are placed on one
+        (``jax.set_mesh``: the rules table's activation shardings apply and fused attention kernels run per
+        shard)."""
+        mesh = mesh_of(self.params)
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            return self._jit_hidden(self.params, *inputs)
+
     def _inputs(self, input_ids, attention_mask, pixel_values, image_sizes, batch_num_images, pixel_values_videos,
                 position_ids) -> tuple:
         """Checked device-ready inputs of `llava.hidden_states` (positions default to ``arange``)."""
@@ -240,8 +250,8 @@ class LlavaOnevision:
                       batch_num_images=None, pixel_values_videos=None, position_ids=None) -> jax.Array:
         """The decoder's final-normed hidden states ``[B, T, H]`` (``self.dtype``), what the logits are computed
         from (``lm_head.lm_logits``); arguments as :meth:`__call__`."""
-        return self._jit_hidden(self.params, *self._inputs(input_ids, attention_mask, pixel_values, image_sizes,
-                                                           batch_num_images, pixel_values_videos, position_ids))
+        return self._hidden(self._inputs(input_ids, attention_mask, pixel_values, image_sizes, batch_num_images,
+                                         pixel_values_videos, position_ids))
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,
                  pixel_values_videos=None, position_ids=None, labels=None, logits_to_keep=0) -> OneVisionOutput:
@@ -264,7 +274,7 @@ class LlavaOnevision:
             labels = labels.astype(np.int32)
         # Three executables, not one: XLA:CPU holds a second [B, T, V] buffer when the logits product is fused
         # into the same program as the decoder (measured: 5.7 vs 3.0 GB peak at 4,314 tokens, 151,936 vocab).
-        hidden = self._jit_hidden(self.params, *inputs)
+        hidden = self._hidden(inputs)
         logits = self._jit_logits(self.params["text"], hidden, keep_index, keep_last=keep_last)
         loss = None if labels is None else self._jit_loss(self.params["text"], hidden, labels)
         return OneVisionOutput(logits=logits, loss=loss)

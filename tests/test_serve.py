@@ -17,6 +17,8 @@ import httpx
 import numpy as np
 import pytest
 
+from ov_jax.serve import wait_until_healthy
+
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
@@ -47,18 +49,12 @@ def start_server(model_dir, *flags):
     proc = subprocess.Popen([sys.executable, "-m", "ov_jax.cli", "serve", "--model", str(model_dir), "--port",
                              str(port), *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the server did not come up")
+    try:
+        wait_until_healthy(url, timeout=300, process=proc)
+    except (RuntimeError, TimeoutError) as err:
+        proc.kill()
+        raise RuntimeError(f"{err}: {proc.communicate()[0][-3000:]}") from None
+    return proc, url
 
 
 def stop_server(proc) -> str:
@@ -242,6 +238,36 @@ def test_feature_cache_hits_on_a_repeated_image_and_metrics_report(client, local
     assert [m.id for m in models.data] == ["tiny"]
 
 
+def test_a_device_error_fails_its_requests_with_500_and_the_server_keeps_serving(tiny_ckpt, local, fail_next_call):
+    """A decode call that raises (injected in an in-process server) fails the running request: 500 with a
+    ``server_error`` body, or an error event ending its stream; the next request is answered as before."""
+    from fastapi.testclient import TestClient
+
+    from ov_jax.model import LlavaOnevision
+    from ov_jax.serve.app import ServeOptions, Service, create_app
+
+    options = ServeOptions(model=str(tiny_ckpt), max_batch_size=2, cache_length=96, prompt_buckets=(64,),
+                           decode_steps=4, warmup=False, served_name="tiny")
+    service = Service(LlavaOnevision.from_pretrained(tiny_ckpt), local[1], options)
+    want = expected(local, "A cat")
+    with TestClient(create_app(service)) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", max_retries=0, http_client=http)
+        assert ask(client, messages("A cat")) == want
+        fail_next_call(service.engine, "_decode")
+        with pytest.raises(openai.InternalServerError) as failed:
+            ask(client, messages("A cat"))
+        assert failed.value.status_code == 500
+        error = failed.value.body
+        assert error["type"] == "server_error" and "injected _decode failure" in error["message"]
+        fail_next_call(service.engine, "_decode")
+        with pytest.raises(openai.APIError, match="injected _decode failure"):
+            ask(client, messages("A cat"), stream=True)
+        assert service.scheduler.running == 0
+        assert ask(client, messages("A cat")) == want
+        assert ask(client, messages("A cat"), stream=True) == want
+        assert 'ov_jax_requests_total{outcome="error"} 2.0' in http.get("/metrics").text
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--model", "/nonexistent/checkpoint"], "/nonexistent/checkpoint"),
     (["--model", "x", "--max-batch-size", "0"], "--max-batch-size"),
@@ -255,3 +281,15 @@ def test_bad_serve_arguments_are_one_error_line(flags, message):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(("error:", "ov-jax serve: error:")) and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_wait_until_healthy_names_an_exited_server_and_times_out():
+    exited = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    exited.wait(timeout=60)
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(RuntimeError, match="exited with status 3"):
+        wait_until_healthy(url, timeout=30, process=exited)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not answer 200 within 0.3 s"):
+        wait_until_healthy(url, timeout=0.3, interval=0.1)
+    assert time.monotonic() - start < 5
