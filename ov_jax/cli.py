@@ -286,6 +286,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh", help="device mesh, e.g. fsdp=4,tensor=2, a preset name or a mesh .json file")
     parser.add_argument("--dtype", dest="compute_dtype", choices=DTYPES,
                         help="compute dtype (params stay float32; default float32)")
+    parser.add_argument("--attention", help="attention backend: auto, xla, cpu, cudnn (GPU, bfloat16 / float16) or "
+                                            "splash (TPU) (default auto: cpu on CPU, cudnn or xla on GPU, splash on TPU)")
     parser.add_argument("--seed", type=int, help="data order and RNG seed (default 0)")
     parser.add_argument("--save-every", type=int, help="checkpoint interval in steps (default 50)")
     parser.add_argument("--keep", type=int, help="checkpoints kept (default 3)")

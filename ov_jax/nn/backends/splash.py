@@ -5,7 +5,8 @@ the reference backend. Off TPU the same kernel runs in Pallas interpret mode (ex
 Padding and packing become splash segment ids (invalid keys in segment 0, so a valid query never sees them);
 the sequence is padded to a multiple of :data:`BLOCK` with segment-0 slots. Queries are pre-scaled by
 ``1/sqrt(hd)`` (the kernel does not scale). Grouped-query heads map onto the kernel's multi-head form
-(``num_q_heads`` a multiple of ``num_kv_heads``); rows run under ``vmap``.
+(``num_q_heads`` a multiple of ``num_kv_heads``); rows run under ``vmap``. The backward blocks are given too, so
+the kernel is differentiable (training).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: AttentionMeta
     shape = (padded, padded)
     mask = sa.MultiHeadMask([sa.CausalMask(shape) if meta.causal else sa.FullMask(shape) for _ in range(nh)])
     kernel = sa.make_splash_mha_single_device(
-        mask, block_sizes=sa.BlockSizes(block_q=BLOCK, block_kv=BLOCK, block_kv_compute=BLOCK),
+        mask, block_sizes=sa.BlockSizes(block_q=BLOCK, block_kv=BLOCK, block_kv_compute=BLOCK, block_q_dkv=BLOCK,
+                                        block_kv_dkv=BLOCK, block_kv_dkv_compute=BLOCK, block_q_dq=BLOCK,
+                                        block_kv_dq=BLOCK),
         interpret=jax.default_backend() != "tpu")
     qh = heads_major(q * jnp.asarray(1.0 / math.sqrt(hd), q.dtype))
     kh, vh = heads_major(k), heads_major(v)
