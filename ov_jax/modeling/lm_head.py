@@ -47,7 +47,7 @@ def causal_lm_loss(params: dict, hidden: jax.Array, labels: jax.Array, *, ignore
     ``params``: the text params (``embed`` / ``lm_head``); ``hidden [B, T, H]``: final-normed hidden states;
     ``labels [B, T]`` int, ``ignore_index`` where no loss is taken. Position ``t`` predicts ``labels[t + 1]``,
     as transformers' ``ForCausalLMLoss``; its mean loss is ``sum / count``. Logits are float32, computed
-    ``chunk_size`` positions at a time.
+    ``chunk_size`` positions at a time (an lm_head LoRA dropout key is folded with the chunk's index).
     """
     b, t, h = hidden.shape
     targets = shift_labels(labels.astype(jnp.int32), ignore_index)
@@ -60,8 +60,8 @@ def causal_lm_loss(params: dict, hidden: jax.Array, labels: jax.Array, *, ignore
     target_chunks = targets.reshape(b, n, chunk).swapaxes(0, 1)
 
     @jax.checkpoint
-    def chunk_loss(params, hidden_chunk, target_chunk):
-        logits = lm_logits(params, hidden_chunk)  # [B, chunk, V] float32
+    def chunk_loss(params, hidden_chunk, target_chunk, index):
+        logits = lm_logits(_chunk_dropout(params, index), hidden_chunk)  # [B, chunk, V] float32
         valid = target_chunk != ignore_index
         picked = jnp.take_along_axis(logits, jnp.where(valid, target_chunk, 0)[..., None], axis=-1)[..., 0]
         nll = jax.nn.logsumexp(logits, axis=-1) - picked
@@ -70,8 +70,17 @@ def causal_lm_loss(params: dict, hidden: jax.Array, labels: jax.Array, *, ignore
     def body(total, xs):
         return total + chunk_loss(params, *xs), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden_chunks, target_chunks))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden_chunks, target_chunks, jnp.arange(n)))
     return total, jnp.sum(targets != ignore_index).astype(jnp.int32)
+
+
+def _chunk_dropout(params: dict, index: jax.Array) -> dict:
+    """``params`` with the lm_head's LoRA dropout key (training, `ov_jax.train.lora.with_dropout`) folded with the
+    loss chunk's ``index``, so each chunk of positions draws its own mask."""
+    head = params.get("lm_head")
+    if not isinstance(head, dict) or "lora_dropout_key" not in head:
+        return params
+    return params | {"lm_head": head | {"lora_dropout_key": jax.random.fold_in(head["lora_dropout_key"], index)}}
 
 
 def mean_loss(total: jax.Array, count: jax.Array) -> jax.Array:
