@@ -215,3 +215,22 @@ def test_attention_backends_train_alike_and_bad_ones_are_named(model, monkeypatc
         _quiet_step(config, attention="cudnn")
     with pytest.raises(AttentionBackendError, match=r"attention must be one of \['auto', 'xla', .*got 'flash'"):
         _quiet_step(config, attention="flash")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"labels": [[5, 6, 10 ** 6]]}, r"labels hold 1 value\(s\) outside \[0, "),
+    ({"labels": [[5, 6]]}, r"labels shape \(1, 2\) != input_ids shape \(1, 3\)"),
+    ({"position_ids": [[0.0, 1.0, 2.0]]}, "position_ids must hold integers, got dtype float64"),
+    ({"position_ids": [[0, 1]]}, r"position_ids shape \(1, 2\) != input_ids shape"),
+    ({"attention_mask": [[1, 1]]}, r"attention_mask shape \(1, 2\) != input_ids shape"),
+    ({"input_ids": [[1.0, 2.0, 3.0]]}, "input_ids must hold integers"),
+])
+def test_the_model_and_make_batch_refuse_the_same_inputs(model, bad, message):
+    """One check (`ov_jax.inputs.model_inputs`) for a forward with labels and for a training batch."""
+    from ov_jax.inputs import InputError
+
+    inputs = {"input_ids": [[11, 12, 13]], "labels": [[-100, 12, 13]]} | bad
+    with pytest.raises(InputError, match=message):
+        model(**inputs)
+    with pytest.raises(InputError, match=message):
+        train.make_batch(model.config, **inputs)
