@@ -49,7 +49,7 @@ def workload(count: int) -> list[dict]:
 
 
 def start_server(model: str, flags: list[str]) -> tuple[subprocess.Popen, str]:
-    import httpx
+    from ov_jax.serve import wait_until_healthy
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,18 +59,13 @@ def start_server(model: str, flags: list[str]) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "ov_jax.cli", "serve", "--model", model, "--port", str(port),
                              "--served-model-name", "bench", *flags], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"the server exited during start-up:\n{log.read()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the server did not come up")
+    try:
+        wait_until_healthy(url, timeout=600, process=proc)
+    except (RuntimeError, TimeoutError) as err:
+        proc.kill()
+        log.seek(0)
+        raise RuntimeError(f"{err}:\n{log.read()[-3000:]}") from None
+    return proc, url
 
 
 def run_clients(url: str, requests: list, clients: int, max_tokens: int) -> dict:

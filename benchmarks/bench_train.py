@@ -1,12 +1,16 @@
 """Train-step benchmark: the LLaVA-OneVision 0.5B architecture with random weights, ov_jax vs transformers + torch.
 
 Full fine-tuning and LoRA (rank 16, alpha 32, every language-model linear) on identical batches: text rows plus
-one 2-frame video row, float32, AdamW. Each (system, mode) runs in its own process, back to back, so peak RSS
-is per run; the table gives train-step tokens/s (batch tokens / median step time after a compile/warm-up step)
-and peak RSS. The CPU model and its SIMD flags are printed with the results.
+one 2-frame video row, float32, AdamW. Full fine-tuning checkpoints activations on both sides by default
+(ov_jax ``remat="full"``, transformers ``gradient_checkpointing_enable()``): without it float32 AdamW on the
+0.9B parameters plus every saved activation does not fit a 24 GiB host. LoRA keeps every activation
+(``--remat`` changes both). Each (system, mode) runs in its own process, back to back, so peak RSS is per run;
+the table gives train-step tokens/s (batch tokens / median step time after a compile/warm-up step) and peak RSS.
+The CPU model and its SIMD flags are printed with the results.
 
     python benchmarks/bench_train.py                       # 0.5B: full and LoRA, both systems
     python benchmarks/bench_train.py --preset tiny         # seconds-long dry run of the whole script
+    python benchmarks/bench_train.py --remat none          # no activation checkpointing in either mode
 
 Not a test. Needs torch + transformers (the reference) besides ov_jax. transformers' LoRA here is a minimal
 adapter module (y += scale * B(A(x))) on the same linears, so the comparison does not depend on peft.
@@ -81,7 +85,12 @@ def batch(config, rows: int, length: int, frames: int) -> tuple[dict, np.ndarray
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "pixel_values_videos": videos}, labels
 
 
-def run_ov_jax(setup: dict, mode: str) -> list[float]:
+def checkpointed(mode: str, remat: str) -> bool:
+    """Whether ``mode`` runs with activation checkpointing under the ``--remat`` choice."""
+    return remat == "both" or (remat == "full-only" and mode == "full")
+
+
+def run_ov_jax(setup: dict, mode: str, remat: str) -> list[float]:
     import jax
 
     from ov_jax import train
@@ -93,7 +102,7 @@ def run_ov_jax(setup: dict, mode: str) -> list[float]:
     if mode == "lora":
         params, spec = lora.add_lora(params, config, LORA_RANK, LORA_ALPHA)
     step = train.make_train_step(config, train.optimizer(LEARNING_RATE), lora=spec, compute_dtype="float32",
-                                 log=None)
+                                 remat="full" if checkpointed(mode, remat) else None, log=None)
     state = step.init(params)
     del params
     inputs, labels = batch(config, setup["rows"], setup["length"], setup["frames"])
@@ -107,7 +116,7 @@ def run_ov_jax(setup: dict, mode: str) -> list[float]:
     return times
 
 
-def run_transformers(setup: dict, mode: str) -> list[float]:
+def run_transformers(setup: dict, mode: str, remat: str) -> list[float]:
     import torch
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
@@ -117,6 +126,8 @@ def run_transformers(setup: dict, mode: str) -> list[float]:
     torch.manual_seed(0)
     hf_config = LlavaOnevisionConfig(**to_hf_dict(config))
     model = LlavaOnevisionForConditionalGeneration(hf_config).train()
+    if checkpointed(mode, remat):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mode == "lora":
         model.requires_grad_(False)
         for name, module in list(model.model.language_model.named_modules()):
@@ -158,8 +169,9 @@ def _TorchLora(base, rank: int, alpha: float):
     return TorchLora()
 
 
-def child(system: str, mode: str, preset: str) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--child", system, "--modes", mode, "--preset", preset]
+def child(system: str, mode: str, preset: str, remat: str) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--child", system, "--modes", mode, "--preset", preset,
+               "--remat", remat]
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{system} {mode} failed:\n{out.stderr[-3000:]}")
@@ -167,14 +179,16 @@ def child(system: str, mode: str, preset: str) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = ["| mode | system | tokens/s | step s (median) | first step s | peak RSS GB |", "|---|---|---|---|---|---|"]
+    lines = ["| mode | activation checkpointing | system | tokens/s | step s (median) | first step s | peak RSS GB |",
+             "|---|---|---|---|---|---|---|"]
     for mode, runs in results["runs"].items():
+        remat = "yes" if checkpointed(mode, results["remat"]) else "no"
         for system, run in runs.items():
-            lines.append(f"| {mode} | {system} | {run['tokens_per_s']:.1f} | {run['step_s']:.3f} | "
+            lines.append(f"| {mode} | {remat} | {system} | {run['tokens_per_s']:.1f} | {run['step_s']:.3f} | "
                          f"{run['first_step_s']:.2f} | {run['peak_rss_gb']:.2f} |")
         if set(SYSTEMS) <= set(runs):
             ratio = runs["ov_jax"]["tokens_per_s"] / runs["transformers"]["tokens_per_s"]
-            lines.append(f"| {mode} | ov_jax / transformers | {ratio:.2f}x | | | |")
+            lines.append(f"| {mode} | {remat} | ov_jax / transformers | {ratio:.2f}x | | | |")
     return "\n".join(lines)
 
 
@@ -184,6 +198,8 @@ def main(argv=None) -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--preset", choices=("0.5b", "tiny"), default="0.5b",
                         help="tiny: a quick dry run of the script on the tiny test architecture")
+    parser.add_argument("--remat", choices=("full-only", "both", "none"), default="full-only",
+                        help="activation checkpointing (both systems): full fine-tuning only, both modes, or none")
     parser.add_argument("--out", default=None, help="write the results as json here")
     parser.add_argument("--child", choices=SYSTEMS)
     args = parser.parse_args(argv)
@@ -193,17 +209,17 @@ def main(argv=None) -> None:
         parser.error(f"modes are {MODES}, systems {SYSTEMS}")
     setup = bench_setup(args.preset)
     if args.child:
-        times = (run_ov_jax if args.child == "ov_jax" else run_transformers)(setup, modes[0])
+        times = (run_ov_jax if args.child == "ov_jax" else run_transformers)(setup, modes[0], args.remat)
         step_s = statistics.median(times[1:])
         print(json.dumps({"tokens_per_s": setup["rows"] * setup["length"] / step_s, "step_s": step_s,
                           "first_step_s": times[0], "peak_rss_gb": peak_rss_gb()}))
         return
-    results = {"preset": args.preset, "cpu": cpu_info(), "batch": {k: setup[k] for k in ("rows", "length", "frames")},
+    results = {"preset": args.preset, "remat": args.remat, "cpu": cpu_info(), "batch": {k: setup[k] for k in ("rows", "length", "frames")},
                "load_avg_at_start": os.getloadavg(), "runs": {}}
     print(f"CPU: {results['cpu']['model']} ({results['cpu']['cores']} cores); SIMD: "
           f"{' '.join(results['cpu']['simd']) or 'none found'}", flush=True)
     for mode in modes:
-        results["runs"][mode] = {s: child(s, mode, args.preset) for s in systems}  # back to back
+        results["runs"][mode] = {s: child(s, mode, args.preset, args.remat) for s in systems}  # back to back
     results["load_avg_at_end"] = os.getloadavg()
     print(table(results), flush=True)
     if args.out:

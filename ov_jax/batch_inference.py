@@ -350,9 +350,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-frames", type=int, default=8, help="frames sampled per video")
     parser.add_argument("--media-root", help="directory relative media paths resolve against (default: the input's)")
     parser.add_argument("--retry-errors", action="store_true", help="re-run requests whose result was an error")
-    parser.add_argument("--coordinator", help="multi-host: host:port of process 0 (or OV_JAX_COORDINATOR)")
-    parser.add_argument("--num-processes", type=int, help="multi-host: process count (or OV_JAX_NUM_PROCESSES)")
-    parser.add_argument("--process-id", type=int, help="multi-host: this process (or OV_JAX_PROCESS_ID)")
+    distributed.add_arguments(parser)
 
 
 def check_arguments(args) -> None:

@@ -388,7 +388,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     srv = commands.add_parser("serve", help="an OpenAI-compatible chat server with continuous batching",
                               description="Serve POST /v1/chat/completions (text, image_url, video_url, streaming), "
-                                          "GET /v1/models, /health and /metrics on FastAPI + uvicorn.")
+                                          "GET /v1/models, /health and /metrics on FastAPI + uvicorn. Multi-host: "
+                                          "run the same command on every host with --coordinator, --num-processes "
+                                          "and --process-id; process 0 serves, the others follow its steps.")
     srv.add_argument("--model", required=True, help="checkpoint directory, converted directory or hub id")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -412,6 +414,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="seconds running requests may finish after SIGINT/SIGTERM before they are cancelled")
     srv.add_argument("--served-model-name", help="the model id clients use (default: the --model folder's name)")
+    if command == "serve":  # the multi-host flags live in ov_jax.distributed, which imports jax: only when asked
+        from ov_jax.distributed import add_arguments as add_distributed_arguments
+
+        add_distributed_arguments(srv)
     add_finetune_arguments(commands.add_parser(
         "finetune", help="fine-tune on a chat jsonl (resumable runs)",
         description="Fine-tune a checkpoint on a jsonl of conversations: labels on the assistant turns, vision "
@@ -455,7 +461,8 @@ def run_serve(args: argparse.Namespace) -> int:
                        prompt_buckets=args.prompt_buckets, decode_steps=args.decode_steps,
                        feature_cache_mb=args.feature_cache_mb, allow_local_media=args.allow_local_media,
                        warmup=args.warmup, shutdown_timeout=args.shutdown_timeout,
-                       served_name=args.served_model_name))
+                       served_name=args.served_model_name, coordinator=args.coordinator,
+                       num_processes=args.num_processes, process_id=args.process_id))
     return EXIT_OK
 
 

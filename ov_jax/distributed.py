@@ -102,6 +102,14 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
     return False
 
 
+def add_arguments(parser: Any) -> None:
+    """The multi-host flags (``--coordinator``, ``--num-processes``, ``--process-id``) on an argparse parser;
+    pass their values to :func:`maybe_initialize_distributed`."""
+    parser.add_argument("--coordinator", help="multi-host: host:port of process 0 (or OV_JAX_COORDINATOR)")
+    parser.add_argument("--num-processes", type=int, help="multi-host: process count (or OV_JAX_NUM_PROCESSES)")
+    parser.add_argument("--process-id", type=int, help="multi-host: this process (or OV_JAX_PROCESS_ID)")
+
+
 def is_writer() -> bool:
     """Process 0 owns shared side effects (output files, logs) in a multi-host job."""
     return jax.process_index() == 0

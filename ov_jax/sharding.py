@@ -398,8 +398,12 @@ def spec(shape: Sequence[int], dtype: Any, mesh: Mesh | None, kind: str | Sequen
 
 def conform(args: Any, shardings: Any) -> Any:
     """Move every array of ``args`` to its ``shardings`` leaf (no-op where it already is there); host arrays
-    are placed with :func:`put_global`. Used to chain AOT executables whose output and input layouts differ."""
+    are placed with :func:`put_global`. Used to chain AOT executables whose output and input layouts differ.
+    A ``None`` leaf (an argument the executable does not use, e.g. a weight pruned from the program) leaves
+    its argument where it is: moving it would be wasted work, and on a multi-host mesh an impossible one."""
     def move(x, s):
+        if s is None:
+            return x
         if isinstance(x, jax.Array):
             return x if x.sharding == s else jax.device_put(x, s)
         return put_global(x, s) if isinstance(s, NamedSharding) else x

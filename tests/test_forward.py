@@ -189,3 +189,25 @@ def test_bfloat16_compute_on_float32_params(pair):
                                  np.zeros((2, 40, 4), np.float32), np.zeros((2, 40), bool),
                                  config=ours.config, dtype=jnp.bfloat16)
     assert hidden.dtype == jnp.bfloat16
+
+
+def test_fused_loss_computes_the_logits_once_per_chunk():
+    """``value_and_grad`` of the loss (what a train step calls) over two chunks, counted in the lowered program's
+    ``[·, V]`` products: a frozen head takes the logits and the hidden states' gradient (2), a training head one
+    more (its own gradient). Rematerialising each chunk in the backward pass would add the logits again (3, 4)."""
+    h, v, t = 64, 5000, 512
+    text = {"embed": jax.ShapeDtypeStruct((v, h), jnp.float32)}
+    hidden = jax.ShapeDtypeStruct((1, t, h), jnp.float32)
+    labels = jax.ShapeDtypeStruct((1, t), jnp.int32)
+
+    def loss(text, hidden, labels):
+        return lm_head.causal_lm_loss(text, hidden, labels, chunk_size=t // 2)[0]
+
+    def head_products(fn, *args):
+        lowered = jax.jit(fn).lower(*args).as_text()
+        return sum("dot_general" in line and str(v) in line for line in lowered.splitlines())
+
+    frozen = jax.value_and_grad(lambda hd, tx, lb: loss(jax.lax.stop_gradient(tx), hd, lb))
+    assert head_products(loss, text, hidden, labels) == 1
+    assert head_products(frozen, hidden, text, labels) == 2
+    assert head_products(jax.value_and_grad(loss, argnums=(0, 1)), text, hidden, labels) == 3

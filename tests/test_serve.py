@@ -17,6 +17,8 @@ import httpx
 import numpy as np
 import pytest
 
+from ov_jax.serve import wait_until_healthy
+
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
@@ -47,18 +49,12 @@ def start_server(model_dir, *flags):
     proc = subprocess.Popen([sys.executable, "-m", "ov_jax.cli", "serve", "--model", str(model_dir), "--port",
                              str(port), *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the server did not come up")
+    try:
+        wait_until_healthy(url, timeout=300, process=proc)
+    except (RuntimeError, TimeoutError) as err:
+        proc.kill()
+        raise RuntimeError(f"{err}: {proc.communicate()[0][-3000:]}") from None
+    return proc, url
 
 
 def stop_server(proc) -> str:
@@ -255,3 +251,15 @@ def test_bad_serve_arguments_are_one_error_line(flags, message):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(("error:", "ov-jax serve: error:")) and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_wait_until_healthy_names_an_exited_server_and_times_out():
+    exited = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    exited.wait(timeout=60)
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(RuntimeError, match="exited with status 3"):
+        wait_until_healthy(url, timeout=30, process=exited)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not answer 200 within 0.3 s"):
+        wait_until_healthy(url, timeout=0.3, interval=0.1)
+    assert time.monotonic() - start < 5

@@ -2,10 +2,11 @@
 
 One device thread runs `ov_jax.engine.Scheduler.work` in a loop; request handlers (asyncio) validate, load
 media and tokenize on worker threads, submit a `ov_jax.engine.Request` and receive its tokens through a
-callback. Endpoints: ``POST /v1/chat/completions`` (JSON or server-sent events), ``GET /v1/models``,
-``GET /health``, ``GET /metrics`` (Prometheus). Errors carry OpenAI's body ``{"error": {"message", "type",
-"param", "code"}}``: 400 for a bad field, image or over-long prompt (the field is named), 429 when the queue
-is full, 503 while shutting down.
+callback. In a multi-host job process 0 serves and the other processes follow its steps
+(`ov_jax.serve.lockstep`). Endpoints: ``POST /v1/chat/completions`` (JSON or server-sent events),
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus). Errors carry OpenAI's body
+``{"error": {"message", "type", "param", "code"}}``: 400 for a bad field, image or over-long prompt (the field
+is named), 429 when the queue is full, 503 while shutting down.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -24,15 +26,18 @@ import uuid
 from typing import Any
 
 
+import jax
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ov_jax import distributed
 from ov_jax.engine import Buckets, PromptTooLongError, Request, Scheduler, engine_for
 from ov_jax.engine.features import FeatureCache
 from ov_jax.engine.scheduler import MediaJob
 from ov_jax.generation import BeyondMaxPositionsError, GenerationConfigError, check_max_positions
 from ov_jax.processing import media as media_io
+from ov_jax.serve.lockstep import Lockstep
 from ov_jax.serve.metrics import Metrics
 from ov_jax.serve.schema import ChatRequest, MediaRef, RequestValidationError, parse_chat_request
 
@@ -60,6 +65,9 @@ class ServeOptions:
     warmup: bool = True
     shutdown_timeout: float = 30.0
     served_name: str | None = None
+    coordinator: str | None = None  # multi-host: host:port of process 0 (see ov_jax.distributed)
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 class ServeError(Exception):
@@ -88,6 +96,9 @@ class Service:
         self.scheduler = Scheduler(self.engine, s)
         self.feature_cache = FeatureCache(options.feature_cache_mb << 20)
         self.metrics = Metrics(self)
+        # multi-host: submissions and cancellations go through the lockstep, which replays them everywhere
+        self.lockstep = Lockstep(self.scheduler, self.feature_cache) if jax.process_count() > 1 else None
+        self._intake = self.lockstep or self.scheduler
         self._preparing = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -98,9 +109,12 @@ class Service:
     # --- lifecycle ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._warmup()
+        self._thread.start()
+
+    def _warmup(self) -> None:
         if self.options.warmup:
             self.engine.warmup(cache_lengths=(self.scheduler.cache_length,), max_new_tokens=1, progress=False)
-        self._thread.start()
 
     def stop(self) -> None:
         """Refuse new requests, let running ones finish for up to ``shutdown_timeout`` seconds, cancel the rest."""
@@ -109,21 +123,55 @@ class Service:
         while self._live and time.monotonic() < deadline:
             time.sleep(0.05)
         for request in list(self._live):
-            self.scheduler.cancel(request)
+            self.cancel(request)
         self._stop.set()
-        self.scheduler.wake()
+        self._intake.wake()
         self._thread.join(timeout=10)
 
+    def submit(self, request: Request) -> None:
+        """Queue a prepared request (multi-host: on every process at the next step)."""
+        self._intake.submit(request)
+
+    def cancel(self, request: Request) -> None:
+        """Cancel a request at the next step boundary (its slot is freed there)."""
+        self._intake.cancel(request)
+
     def _device_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                busy = self.scheduler.work()
-            except Exception:  # the batch's device state is unknown: fail what runs, keep serving
-                log.exception("decode failed")
-                busy = False
+        while True:
+            stopping = self._stop.is_set()
+            if self.lockstep is not None:
+                try:
+                    self.lockstep.lead(shutdown=stopping)
+                except Exception:  # the other processes are gone or out of step: nothing more can run
+                    log.exception("multi-host step broadcast failed; the server stops serving")
+                    self.draining = True
+                    return
+            if stopping:
+                return
+            busy = self._work()
             self.metrics.observe_rate(self.scheduler.decoded_tokens)
             if not busy:
-                self.scheduler.wait_for_work(0.2)
+                self._intake.wait_for_work(0.2)
+
+    def _work(self) -> bool:
+        try:
+            return self.scheduler.work()
+        except Exception:  # the batch's device state is unknown: fail what runs, keep serving
+            log.exception("decode failed")
+            return False
+
+    def follow(self) -> None:
+        """A follower process of a multi-host job: warm up, then run process 0's steps until it shuts down."""
+        if self.lockstep is None or self.lockstep.leader:
+            raise RuntimeError("only processes other than process 0 of a multi-host job follow")
+        self._warmup()
+        while self.lockstep.follow():
+            self._work()
+
+    def release_followers(self) -> None:
+        """Process 0 after serving: tell the followers to exit if the device loop did not (start-up failed)."""
+        if self.lockstep is not None and not self.lockstep.closed and not self._thread.is_alive():
+            self.lockstep.lead(shutdown=True)
 
     # --- requests ----------------------------------------------------------------------------------------
 
@@ -132,7 +180,7 @@ class Service:
         if self.draining:
             raise ServeError(503, "the server is shutting down", "server_error")
         with self._lock:
-            if self.scheduler.queued + self._preparing >= self.options.max_queue:
+            if self._intake.queued + self._preparing >= self.options.max_queue:
                 raise ServeError(429, f"the queue is full ({self.options.max_queue} requests waiting); retry later",
                                  "rate_limit_exceeded")
             self._preparing += 1
@@ -245,11 +293,11 @@ class Completion:
 
     def submit(self) -> None:
         self.service._live.add(self.request)
-        self.service.scheduler.submit(self.request)
+        self.service.submit(self.request)
 
     def cancel(self) -> None:
         if not self.request.finished:
-            self.service.scheduler.cancel(self.request)
+            self.service.cancel(self.request)
 
     async def pieces(self):
         """Yield text increments until the request ends (stop token, stop string, length or cancellation)."""
@@ -386,15 +434,29 @@ async def _sse(completion: Completion, ident: str, created: int, model: str):
 
 
 def serve(options: ServeOptions) -> None:
-    """Load the model and processor, then serve until interrupted (SIGINT / SIGTERM: graceful shutdown)."""
+    """Load the model and processor, then serve until interrupted (SIGINT / SIGTERM: graceful shutdown).
+
+    Multi-host (``options.coordinator`` / ``num_processes`` / ``process_id``, their environment variables, or a
+    detected cluster: `ov_jax.distributed.maybe_initialize_distributed`): every process loads the model onto
+    the mesh; process 0 serves HTTP on ``host:port`` and the others follow its steps until it shuts down."""
     import uvicorn
 
+    distributed.maybe_initialize_distributed(options.coordinator, options.num_processes, options.process_id)
     from ov_jax.model import LlavaOnevision
     from ov_jax.processing import LlavaOnevisionProcessor
 
     processor = LlavaOnevisionProcessor.from_pretrained(options.model)
     model = LlavaOnevision.from_pretrained(options.model, dtype=options.dtype, mesh=options.mesh)
     service = Service(model, processor, options)
+    if not distributed.is_writer():  # status lines on stderr, as uvicorn writes process 0's
+        print(f"process {jax.process_index()} of {jax.process_count()}: following process 0's serving steps",
+              file=sys.stderr, flush=True)
+        service.follow()
+        print(f"process {jax.process_index()}: process 0 shut down", file=sys.stderr, flush=True)
+        return
     config = uvicorn.Config(create_app(service), host=options.host, port=options.port, log_level="info",
                             timeout_graceful_shutdown=int(options.shutdown_timeout) + 1)
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        service.release_followers()
