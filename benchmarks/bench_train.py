@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -32,31 +31,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from machine import cpu_info, cpu_line  # noqa: E402  (benchmarks/, the script's folder)
+
 MODES = ("full", "lora")
 SYSTEMS = ("ov_jax", "transformers")
 LORA_RANK, LORA_ALPHA = 16, 32
 LEARNING_RATE = 1e-5
-SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni",
-              "amx_bf16", "amx_tile")
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-
-
-def cpu_info() -> dict:
-    """The CPU model and which of :data:`SIMD_FLAGS` it has (``/proc/cpuinfo`` on Linux)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count(), "simd": [f for f in SIMD_FLAGS if f in flags]}
 
 
 def bench_setup(preset: str) -> dict:
@@ -216,8 +200,7 @@ def main(argv=None) -> None:
         return
     results = {"preset": args.preset, "remat": args.remat, "cpu": cpu_info(), "batch": {k: setup[k] for k in ("rows", "length", "frames")},
                "load_avg_at_start": os.getloadavg(), "runs": {}}
-    print(f"CPU: {results['cpu']['model']} ({results['cpu']['cores']} cores); SIMD: "
-          f"{' '.join(results['cpu']['simd']) or 'none found'}", flush=True)
+    print(cpu_line(results["cpu"]), flush=True)
     for mode in modes:
         results["runs"][mode] = {s: child(s, mode, args.preset, args.remat) for s in systems}  # back to back
     results["load_avg_at_end"] = os.getloadavg()

@@ -6,6 +6,7 @@ on a host-side media plan (`ov_jax.media_plan`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -21,6 +22,7 @@ from ov_jax.inputs import integers, model_inputs
 from ov_jax.modeling import llava, lm_head
 from ov_jax.nn.backends import platform_of, resolve_attention
 from ov_jax.params import LoraSpec, check_tree, param_specs
+from ov_jax.sharding import mesh_of
 
 # `llava.hidden_states`' array arguments, in order (keys of `ov_jax.inputs.model_inputs`).
 HIDDEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "tower_inputs", "tap_index", "tap_weight", "is_media")
@@ -221,7 +223,12 @@ class LlavaOnevision:
                             pixel_values_videos, position_ids, labels=labels)
 
     def _hidden(self, inputs: dict[str, np.ndarray]) -> jax.Array:
-        return self._jit_hidden(self.params, *(inputs[k] for k in HIDDEN_INPUTS))
+        """`llava.hidden_states` of :meth:`_inputs`, traced under the params' mesh when they are placed on one
+        (``jax.set_mesh``: the rules table's activation shardings apply and fused attention kernels run per
+        shard)."""
+        mesh = mesh_of(self.params)
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            return self._jit_hidden(self.params, *(inputs[k] for k in HIDDEN_INPUTS))
 
     def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
                       batch_num_images=None, pixel_values_videos=None, position_ids=None) -> jax.Array:

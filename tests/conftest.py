@@ -27,3 +27,31 @@ def tiny_ckpt_tied(tmp_path_factory):
     from ov_jax.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny_ckpt_tied"), tie_word_embeddings=True)
+
+
+# --- fault injection -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fail_next_call(monkeypatch):
+    """``arm(engine, name)``: the next call of the engine executable ``name`` (``"_decode"``, ``"_insert"``,
+    ``"_prefill"``, …) runs and then raises ``RuntimeError("injected <name> failure")``, as a device error
+    after the donated buffers were consumed would. Returns a one-item list, ``[True]`` until it fired."""
+    def arm(engine, name):
+        original, armed = getattr(engine, name), [True]
+
+        def executable(*key):
+            exe = original(*key)
+
+            def call(*args):
+                out = exe(*args)
+                if armed[0]:
+                    armed[0] = False
+                    raise RuntimeError(f"injected {name} failure")
+                return out
+            return call
+
+        monkeypatch.setattr(engine, name, executable)
+        return armed
+
+    return arm

@@ -238,6 +238,36 @@ def test_feature_cache_hits_on_a_repeated_image_and_metrics_report(client, local
     assert [m.id for m in models.data] == ["tiny"]
 
 
+def test_a_device_error_fails_its_requests_with_500_and_the_server_keeps_serving(tiny_ckpt, local, fail_next_call):
+    """A decode call that raises (injected in an in-process server) fails the running request: 500 with a
+    ``server_error`` body, or an error event ending its stream; the next request is answered as before."""
+    from fastapi.testclient import TestClient
+
+    from ov_jax.model import LlavaOnevision
+    from ov_jax.serve.app import ServeOptions, Service, create_app
+
+    options = ServeOptions(model=str(tiny_ckpt), max_batch_size=2, cache_length=96, prompt_buckets=(64,),
+                           decode_steps=4, warmup=False, served_name="tiny")
+    service = Service(LlavaOnevision.from_pretrained(tiny_ckpt), local[1], options)
+    want = expected(local, "A cat")
+    with TestClient(create_app(service)) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", max_retries=0, http_client=http)
+        assert ask(client, messages("A cat")) == want
+        fail_next_call(service.engine, "_decode")
+        with pytest.raises(openai.InternalServerError) as failed:
+            ask(client, messages("A cat"))
+        assert failed.value.status_code == 500
+        error = failed.value.body
+        assert error["type"] == "server_error" and "injected _decode failure" in error["message"]
+        fail_next_call(service.engine, "_decode")
+        with pytest.raises(openai.APIError, match="injected _decode failure"):
+            ask(client, messages("A cat"), stream=True)
+        assert service.scheduler.running == 0
+        assert ask(client, messages("A cat")) == want
+        assert ask(client, messages("A cat"), stream=True) == want
+        assert 'ov_jax_requests_total{outcome="error"} 2.0' in http.get("/metrics").text
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--model", "/nonexistent/checkpoint"], "/nonexistent/checkpoint"),
     (["--model", "x", "--max-batch-size", "0"], "--max-batch-size"),

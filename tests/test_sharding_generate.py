@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif("mesh" not in inspect.signature(Engine).paramete
                                 reason="the engine does not take a mesh yet")
 
 MESHES = ["data=1,tensor=8", "data=2,tensor=4", "data=4,tensor=2", "data=8,tensor=1"]
-BUCKETS = Buckets(batch=(8,), prompt=(512,), cache=(544,), tower_chunk=2)
+BUCKETS = Buckets(batch=(8,), prompt=(512,), cache=(544,), tower_chunk=2, prefill_chunk=128)  # chunked prefill
 NEW_TOKENS = 24
 
 

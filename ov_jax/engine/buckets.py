@@ -42,6 +42,9 @@ class Buckets:
         tokens (decode cost grows with the cache length, so keep these close to real needs).
     tower_chunk: tiles/frames per vision-tower call; None picks 1 on CPU (no padding waste, the
         matmuls are already large) and 8 on accelerators.
+    prefill_chunk: prompt slots per text-prefill call. A prompt bucket longer than this is prefilled a chunk
+        at a time (each chunk a separate call, so running rows decode between them); a shorter one in one
+        call.
     """
 
     batch: tuple[int, ...] = (1, 2, 4, 8)
@@ -50,6 +53,7 @@ class Buckets:
     cache: tuple[int, ...] = (128, 256, 512, 1024, 2048, 3072, 4096, 5120, 6144, 7168, 8192, 9216, 10240, 12288,
                               16384, 20480, 24576, 32768)
     tower_chunk: int | None = None
+    prefill_chunk: int = 512
 
     def __post_init__(self):
         object.__setattr__(self, "batch", _sorted_unique(self.batch, "batch"))
@@ -57,11 +61,26 @@ class Buckets:
         object.__setattr__(self, "cache", _sorted_unique(self.cache, "cache"))
         if self.tower_chunk is not None and int(self.tower_chunk) < 1:
             raise ValueError(f"tower_chunk must be >= 1, got {self.tower_chunk}")
+        if int(self.prefill_chunk) < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        object.__setattr__(self, "prefill_chunk", int(self.prefill_chunk))
 
     def resolved_chunk(self, platform: str) -> int:
         if self.tower_chunk is not None:
             return int(self.tower_chunk)
         return 1 if platform == "cpu" else 8
+
+    def prefill_starts(self, prompt_bucket: int, length: int) -> tuple[int, ...] | None:
+        """First slots of the prefill chunks of a ``length``-token prompt left-padded to ``prompt_bucket``, in
+        order; None when the bucket is prefilled in one call (not longer than ``prefill_chunk``). The chunks end
+        at the bucket's last slot and cover every prompt token; chunks of padding only are skipped, and the
+        first chunk starts at slot 0 at the latest (overlapping the next one when the bucket is not a
+        multiple of the chunk)."""
+        c = self.prefill_chunk
+        if prompt_bucket <= c:
+            return None
+        count = -(-length // c)
+        return tuple(max(prompt_bucket - c * k, 0) for k in range(count, 0, -1))
 
     def batch_bucket(self, rows: int) -> int:
         for b in self.batch:

@@ -8,13 +8,15 @@ warm-up" is a checkable number. Sampling settings, stop ids and seeds are per-ro
 
 Flow of a row (driven by `ov_jax.engine.scheduler.Scheduler`): vision tower on a chunk of tiles/frames
 (``encode``, once per request) → ``media_start`` / ``media_add`` (the row's media rows) → ``prefill``
-(prompt KV + last logits, batch 1) → ``insert`` (first token; KV into a free slot of the running batch) →
+(prompt KV + last logits, batch 1; a long prompt bucket as ``prompt_kv`` then ``prefill_chunk`` calls of
+``buckets.prefill_chunk`` slots each) → ``insert`` (first token; KV into a free slot of the running batch) →
 ``decode`` chunks of ``decode_steps`` steps (``lax.while_loop``) shared by every running row → ``evict``
 for a row that is cancelled. ``generate`` is a client of a scheduler.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -173,7 +175,9 @@ class Engine:
                 exe = self._executables.get(full_key)
                 if exe is None:
                     start = time.perf_counter()
-                    exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+                    # Traced under the mesh: activation shardings from the rules table, fused attention per shard.
+                    with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+                        exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
                     if self.mesh is not None:
                         exe = sh.sharded_call(exe)
                     record = CompileRecord(name, key, time.perf_counter() - start)
@@ -209,6 +213,32 @@ class Engine:
         fn = functools.partial(steps.prefill, config=self.config, dtype=self.dtype, attention=self.attention)
         return self._executable("prefill", (t,), fn, args)
 
+    def _prompt_kv_spec(self, t: int) -> qwen2.KVCache:
+        tc = self.config.text
+        shape = (tc.num_hidden_layers, 1, t, tc.num_key_value_heads, tc.head_dim)
+        return qwen2.KVCache(self._spec(shape, self.dtype, "cache"), self._spec(shape, self.dtype, "cache"))
+
+    def _prompt_kv(self, t: int):
+        """A zero prompt KV ``[L, 1, T, nkv, hd]`` for :meth:`_prefill_chunk` to fill."""
+        spec = self._prompt_kv_spec(t)
+
+        def zeros():
+            kv = qwen2.init_cache(self.config.text, 1, t, self.dtype)
+            if self.mesh is None:
+                return kv
+            return qwen2.KVCache(*(jax.lax.with_sharding_constraint(x, s.sharding) for x, s in zip(kv, spec)))
+
+        return self._executable("prompt_kv", (t,), zeros, ())
+
+    def _prefill_chunk(self, t: int):
+        h, c = self.config.text.hidden_size, self.buckets.prefill_chunk
+        args = (self._prefill_params, self._prompt_kv_spec(t), self._spec((1, t), np.int32, "tokens"),
+                self._spec((1, t), bool, "tokens"), self._spec((1, t, h), np.float32, "hidden"),
+                self._spec((1, t), bool, "tokens"), self._spec((), np.int32))
+        fn = functools.partial(steps.prefill_chunk, chunk=c, config=self.config, dtype=self.dtype,
+                               attention=self.attention)
+        return self._executable("prefill_chunk", (t, c), fn, args, donate=(1,))
+
     def _cache_spec(self, s: int) -> qwen2.KVCache:
         tc, b = self.config.text, self.slots
         if self.layout == "scanned":
@@ -232,9 +262,7 @@ class Engine:
 
     def _insert(self, t: int, s: int):
         tc = self.config.text
-        kv_shape = (tc.num_hidden_layers, 1, t, tc.num_key_value_heads, tc.head_dim)
-        prompt_kv = qwen2.KVCache(self._spec(kv_shape, self.dtype, "cache"), self._spec(kv_shape, self.dtype, "cache"))
-        args = (self._cache_spec(s), self._state_spec(s), prompt_kv,
+        args = (self._cache_spec(s), self._state_spec(s), self._prompt_kv_spec(t),
                 self._spec((1, tc.vocab_size), np.float32, ("batch", "vocab")), self._spec((1, t), bool, "tokens"),
                 self._spec((), np.int32), self._settings_spec(1), self._spec((), np.uint32), self._spec((), np.int32))
         fn = functools.partial(slots.insert, layout=self.layout)
@@ -277,10 +305,23 @@ class Engine:
                 rows = add(rows, feats, tap_index, tap_weight, np.int32(i * self.tower_chunk))
         return rows
 
-    def prefill_row(self, row: PaddedRequest, media_rows: jax.Array) -> tuple[jax.Array, qwen2.KVCache]:
-        """Last-slot logits ``[1, V]`` and the prompt KV of one padded row."""
-        return self._prefill(row.prompt_length)(self._prefill_params, row.input_ids, row.attention_mask,
-                                                media_rows, row.is_media)
+    def prefill_row(self, row: PaddedRequest, media_rows: jax.Array):
+        """Prefill one padded row: a generator that yields after each prefill call but the last and returns
+        the last-slot logits ``[1, V]`` and the prompt KV (``(logits, kv) = yield from engine.prefill_row(…)``).
+
+        A prompt bucket longer than ``buckets.prefill_chunk`` runs as chunks (``Buckets.prefill_starts``) into
+        a zero KV, so a caller can run other work (decode chunks) between them; a shorter one is one call."""
+        t = row.prompt_length
+        args = (row.input_ids, row.attention_mask, media_rows, row.is_media)
+        starts = self.buckets.prefill_starts(t, int(row.attention_mask.sum()))
+        if starts is None:
+            return self._prefill(t)(self._prefill_params, *args)
+        kv, chunk = self._prompt_kv(t)(), self._prefill_chunk(t)
+        for i, start in enumerate(starts):
+            if i:
+                yield
+            logits, kv = chunk(self._prefill_params, kv, *args, np.int32(start))
+        return logits, kv
 
     # --- requests ----------------------------------------------------------------------------------------
 
@@ -393,11 +434,13 @@ class Engine:
                         ) -> list[tuple[str, Callable]]:
         """The executables requests inside these buckets can need, as ``(label, compile)`` pairs.
 
-        Per prompt bucket ``T``: media_start, media_add (with media), prefill, and insert into each cache
-        bucket it runs in; per cache bucket ``S``: decode and evict; plus the tower's encode. ``cache_lengths``
-        (the cache buckets to serve, e.g. a server's one) default to the bucket each ``T`` needs for
-        ``max_new_tokens`` (default: the generation config's, 20 when unset; the largest bucket holding ``T``
-        when none holds both): with the default buckets 1 + 4·17 + 2·15 = 99 executables.
+        Per prompt bucket ``T``: media_start, media_add (with media), prefill (or, for ``T`` longer than
+        ``buckets.prefill_chunk``, prompt_kv and prefill_chunk), and insert into each cache bucket it runs in;
+        per cache bucket ``S``: decode and evict; plus the tower's encode. ``cache_lengths`` (the cache buckets
+        to serve, e.g. a server's one) default to the bucket each ``T`` needs for ``max_new_tokens`` (default:
+        the generation config's, 20 when unset; the largest bucket holding ``T`` when none holds both): with
+        ``P`` prompt buckets (``P_c`` of them chunked) and ``C`` cache buckets in use, 1 + 4·P + P_c + 2·C; for
+        the default buckets 1 + 4·17 + 12 + 2·15 = 111 executables.
         """
         prompt_lengths = tuple(prompt_lengths or self.buckets.prompt)
         if max_new_tokens is None:
@@ -418,7 +461,11 @@ class Engine:
             jobs.append((f"media_start T={t}", functools.partial(self._media_start, t)))
             if media:
                 jobs.append((f"media_add T={t}", functools.partial(self._media_add, t)))
-            jobs.append((f"prefill T={t}", functools.partial(self._prefill, t)))
+            if t > self.buckets.prefill_chunk:
+                jobs.append((f"prompt_kv T={t}", functools.partial(self._prompt_kv, t)))
+                jobs.append((f"prefill_chunk T={t}", functools.partial(self._prefill_chunk, t)))
+            else:
+                jobs.append((f"prefill T={t}", functools.partial(self._prefill, t)))
             jobs += [(f"insert T={t} S={s}", functools.partial(self._insert, t, s)) for s in caches(t)]
         for s in sorted({s for t in prompt_lengths for s in caches(t)}):
             jobs += [(f"decode S={s}", functools.partial(self._decode, s)),

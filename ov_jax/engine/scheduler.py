@@ -6,9 +6,10 @@ advances it in :meth:`Scheduler.work` calls, each one unit of work:
 1. cancelled requests leave (a running row is evicted, its slot freed);
 2. prefilled rows take free slots (``insert``: their first token is chosen there);
 3. if rows are running, one decode chunk (``engine.decode_steps`` steps on device) runs for all of them;
-4. one unit of prefill runs for the oldest waiting request: one vision-tower chunk (tiles or frames), or the
-   media rows + text prefill of one row. A long video therefore enters the batch a chunk at a time between
-   decode chunks instead of stalling every running row for its whole tower pass.
+4. one unit of prefill runs for the oldest waiting request: one vision-tower chunk (tiles or frames), or one
+   text-prefill call of one row (the media rows + the whole prompt, or one ``Buckets.prefill_chunk``-slot chunk
+   of a longer prompt bucket). A long video or a long text prompt therefore enters the batch a chunk at a time
+   between decode chunks instead of stalling every running row for its whole tower pass or prefill.
 
 Rows are prefilled only while a free slot waits for them, so prefilled KV never piles up. The KV cache is
 one dense ``[slots, cache_length]`` block per layer, not paged: every row's slots are contiguous, inserts are
@@ -22,6 +23,7 @@ from any thread.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from typing import Any, Callable
@@ -32,6 +34,8 @@ import numpy as np
 from ov_jax import sharding as sh
 from ov_jax.engine.buckets import PaddedRequest, PromptTooLongError
 from ov_jax.engine.features import pixel_key
+
+log = logging.getLogger(__name__)
 
 
 class MediaJob:
@@ -94,7 +98,10 @@ class Request:
         if finished:
             self.finished = True
         if self.on_tokens is not None:
-            self.on_tokens(new, finished)
+            try:
+                self.on_tokens(new, finished)
+            except Exception:  # noqa: BLE001  (a failing consumer must not disturb the batch)
+                log.exception("the token consumer of a request failed")
         if finished:
             self.done.set()
 
@@ -164,13 +171,30 @@ class Scheduler:
     # --- the device thread ---------------------------------------------------------------------------------
 
     def work(self) -> bool:
-        """One step boundary (see the module docstring). Returns whether anything is left to do."""
-        self._drop_cancelled()
-        self._admit()
-        if self._running:
-            self._decode()
+        """One step boundary (see the module docstring). Returns whether anything is left to do.
+
+        An exception raised by a call on the running batch (evict, insert, decode) fails every row in the batch
+        with that error and replaces the batch by an empty one (the failed call may have consumed the donated
+        cache and state); one raised while prefilling a request fails that request. Either way the rest of
+        the queue is served afterwards."""
+        try:
+            self._drop_cancelled()
+            self._admit()
+            if self._running:
+                self._decode()
+        except Exception as error:  # noqa: BLE001  (any device or runtime error: fail the batch, not the loop)
+            self._fail_batch(error)
         self._prefill_unit()
         return bool(self._running or self._ready or self._waiting)
+
+    def _fail_batch(self, error: BaseException) -> None:
+        log.error("a call on the running batch failed; failing its %d row(s): %r", len(self._running), error)
+        failed = list(self._running.values())
+        self._running.clear()
+        self._cache, self._state = self.engine.empty_batch(self.cache_length)
+        for request in failed:
+            request.slot = None
+            request._fail(error)
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -182,6 +206,7 @@ class Scheduler:
             if request.cancelled:
                 self._state = self.engine._evict(self.cache_length)(self._state, np.int32(slot))
                 del self._running[slot]
+                request.slot = None
                 request._fail(None)
 
     def _free_slots(self) -> list[int]:
@@ -194,15 +219,16 @@ class Scheduler:
             request = self._ready.popleft()
             kv, logits, mask = request._prefilled
             request._prefilled = None
+            request.slot, self._running[slot] = slot, request  # a failing insert fails it with the batch
             t = mask.shape[1]
             self._cache, self._state, first = self.engine._insert(t, self.cache_length)(
                 self._cache, self._state, kv, logits, mask, np.int32(slot), request.settings,
                 np.uint32(request.seed), np.int32(request.row_index))
             token = int(sh.fetch(first))
             finished = token in request.stop_ids or request.max_new_tokens <= 1
-            if not finished:
-                request.slot = slot
-                self._running[slot] = request
+            if finished:
+                del self._running[slot]
+                request.slot = None
             request._deliver([token], finished)
 
     def _decode(self) -> None:
@@ -219,7 +245,7 @@ class Scheduler:
             request._deliver(new, bool(done[slot]))
 
     def _prefill_unit(self) -> None:
-        """One tower chunk or one row's prefill for the oldest waiting request, while a slot waits for it."""
+        """One tower chunk or one prefill call for the oldest waiting request, while a slot waits for it."""
         if len(self._ready) >= len(self._free_slots()):
             return
         with self._lock:
@@ -229,26 +255,28 @@ class Scheduler:
         try:
             if request._units is None:
                 request._units = self._units(request)
-            if next(request._units, None) is None:  # the row is prefilled
-                with self._lock:
-                    self._waiting.popleft()
-                    self._ready.append(request)
-        except Exception as error:  # a bad request fails alone; the batch goes on
+            next(request._units)
+        except StopIteration:  # the row is prefilled
+            with self._lock:
+                self._waiting.popleft()
+                self._ready.append(request)
+        except Exception as error:  # noqa: BLE001  (a bad request or a failed prefill call fails alone)
             with self._lock:
                 if self._waiting and self._waiting[0] is request:
                     self._waiting.popleft()
             request._fail(error)
 
     def _units(self, request: Request):
-        """Generator of prefill units: yields ``True`` after each tower chunk, ends when the row is prefilled."""
+        """Generator of prefill units: yields after each tower chunk and each prefill call but the last, ends
+        when the row is prefilled."""
         engine, row = self.engine, request.row
         media = request.media
         if media is not None and row.is_media.any():
             while not media.complete:
                 media.encode_next(engine)
-                yield True
+                yield
         features = media.features if media is not None else []
         rows = engine.media_rows(row, features)
         mask = jax.device_put(row.attention_mask)
-        logits, kv = engine.prefill_row(row, rows)
-        request._prefilled = (kv, logits, mask)
+        logits, kv = yield from engine.prefill_row(row, rows)
+        request._prefilled = (kv, jax.block_until_ready(logits), mask)  # a failed prefill fails here, alone

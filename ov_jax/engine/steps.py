@@ -10,10 +10,11 @@ Shapes depend only on buckets. Two KV-cache layouts:
   layout turns decode attention into slow batched matvecs, and XLA:CPU's matmuls stream ``[out, in]``
   weights fastest; the copies cost one more set of decoder weights in memory.
 
-Prefill runs the reference path (``qwen2.decoder`` with a prompt-length cache); decode reuses the same building
-blocks. Every attention goes through `ov_jax.nn.attention.attention` with the engine's backend (``attention``,
-a name resolved by `ov_jax.nn.backends.resolve_attention`); the unrolled layout's heads-major cache is read
-with ``kv_layout="BNSH"``.
+Prefill runs the reference path (``qwen2.decoder`` with a prompt-length cache), in one call or chunk by chunk
+into that cache (:func:`prefill_chunk`); decode reuses the same building blocks. Every attention goes through
+`ov_jax.nn.attention.attention` with the engine's backend (``attention``, a name resolved by
+`ov_jax.nn.backends.resolve_attention`); the unrolled layout's heads-major cache is read with
+``kv_layout="BNSH"``.
 """
 
 from __future__ import annotations
@@ -101,21 +102,53 @@ def media_add(rows: jax.Array, features: jax.Array, tap_index: jax.Array, tap_we
 
 # --- prefill -----------------------------------------------------------------------------------------------
 
+def prompt_embeds(text: dict, input_ids: jax.Array, media_rows: jax.Array, is_media: jax.Array, dtype) -> jax.Array:
+    """Token embeddings ``[B, T, H]`` with the media rows in the media slots."""
+    embeds = qwen2.embed_tokens(text, input_ids, dtype)
+    return jnp.where(is_media[..., None], media_rows.astype(dtype), embeds)
+
+
+def prompt_positions(attention_mask: jax.Array) -> jax.Array:
+    """RoPE positions ``[B, T]`` int32 of a left-padded prompt: ``cumsum(mask) - 1`` (pads 0)."""
+    return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
 def prefill(params: dict, input_ids: jax.Array, attention_mask: jax.Array, media_rows: jax.Array,
             is_media: jax.Array, config: OneVisionConfig, dtype, attention: str = "xla"
             ) -> tuple[jax.Array, qwen2.KVCache]:
     """Prompt → float32 logits of the last slot ``[B, V]`` and the prompt's KV ``[L, B, T, nkv, hd]``.
 
-    Left padding puts every row's last token in the last slot. Positions are ``cumsum(mask) - 1`` (pads 0).
+    Left padding puts every row's last token in the last slot.
     """
     text = params["text"]
-    embeds = qwen2.embed_tokens(text, input_ids, dtype)
-    embeds = jnp.where(is_media[..., None], media_rows.astype(dtype), embeds)
-    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+    embeds = prompt_embeds(text, input_ids, media_rows, is_media, dtype)
     b, t = input_ids.shape
     cache = qwen2.init_cache(config.text, b, t, dtype)
-    hidden, cache = qwen2.decoder(text, embeds, positions, attention_mask, config.text, cache, 0, attention)
+    hidden, cache = qwen2.decoder(text, embeds, prompt_positions(attention_mask), attention_mask, config.text, cache,
+                                  0, attention)
     return qwen2.lm_logits(text, hidden[:, -1:])[:, 0], cache
+
+
+def prefill_chunk(params: dict, kv: qwen2.KVCache, input_ids: jax.Array, attention_mask: jax.Array,
+                  media_rows: jax.Array, is_media: jax.Array, start: jax.Array, chunk: int, config: OneVisionConfig,
+                  dtype, attention: str = "xla") -> tuple[jax.Array, qwen2.KVCache]:
+    """Prompt slots ``start … start + chunk - 1`` into the prompt's KV ``kv [L, B, T, nkv, hd]`` (the slots
+    before ``start`` already written): float32 logits of the chunk's last slot ``[B, V]`` and the KV.
+
+    ``input_ids``, ``attention_mask``, ``media_rows``, ``is_media`` are the whole ``T``-slot prompt (as for
+    :func:`prefill`); ``start`` is an int32 scalar with ``start + chunk <= T``. The chunk's queries attend
+    causally to the valid slots of ``kv`` (a cached attention at write position ``start``), so running the
+    chunks in order equals :func:`prefill`; the last chunk's logits are its last-slot logits.
+    """
+    text = params["text"]
+
+    def part(x):
+        return jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)
+
+    embeds = prompt_embeds(text, part(input_ids), part(media_rows), part(is_media), dtype)
+    positions = part(prompt_positions(attention_mask))
+    hidden, kv = qwen2.decoder(text, embeds, positions, attention_mask, config.text, kv, start, attention)
+    return qwen2.lm_logits(text, hidden[:, -1:])[:, 0], kv
 
 
 # --- decode ------------------------------------------------------------------------------------------------

@@ -12,17 +12,24 @@ cached attention (decode: queries at ``write_index …`` against a cache of ``S`
 :func:`causal_block_attention` runs a kernel by query blocks that only see keys up to the block's end, so
 score memory is ``block × T`` instead of ``T × T`` (the ``xla`` / ``cpu`` prefill); the other causal
 self-attention of those backends is the flash form (`ov_jax.nn.flash`).
+
+:func:`per_shard_self_attention` runs a fused kernel (splash, cuDNN) under an active multi-device mesh by
+``jax.shard_map``: XLA cannot partition a Pallas (Mosaic) kernel itself, and cuDNN's partitioning rules need
+``q``, ``k`` and ``v`` sharded alike, which grouped-query heads are not when the KV heads are replicated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from ov_jax.nn.flash import token_segments
+from ov_jax.sharding import active_mesh, resolve_spec
 
 QUERY_BLOCK = 512
 KV_LAYOUTS = ("BSNH", "BNSH")
@@ -120,3 +127,46 @@ def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.A
     parts = [attend(q[:, i:i + block], k[:, :i + block], v[:, :i + block], mask[:, i:i + block, :i + block])
              for i in range(0, t, block)]
     return jnp.concatenate(parts, axis=1)
+
+
+def per_shard_self_attention(kernel: Callable, q: jax.Array, k: jax.Array, v: jax.Array, meta: AttentionMeta
+                             ) -> jax.Array:
+    """``kernel(q, k, v, meta)`` (a self-attention, ``k``/``v`` ``[B, T, nkv, hd]``) run per device by
+    ``jax.shard_map`` when a mesh of more than one device is active (``jax.set_mesh``); a plain call otherwise.
+
+    The shards follow the rules table (`ov_jax.sharding.LOGICAL_RULES`): rows over the ``batch`` axes, query
+    heads over the ``heads`` axes and KV heads over the ``kv_heads`` axes, each only where the mesh axes divide
+    it (as `ov_jax.sharding.resolve_spec`). ``meta.key_valid`` / ``meta.segment_ids`` are split with the rows.
+    When the query heads are sharded and the KV heads are replicated (fewer KV heads than the ``tensor`` axis),
+    each shard takes the one KV head its query heads read, which needs the axis size to be a multiple of
+    ``nkv``; otherwise the heads are computed whole on every shard of those axes. Returns ``[B, T, nh, hd]``.
+    """
+    mesh = active_mesh()
+    if mesh is None or mesh.size == 1:
+        return kernel(q, k, v, meta)
+    nkv = k.shape[2]
+    q_spec, _ = resolve_spec(("batch", "length", "heads", "head_dim"), q.shape, mesh)
+    kv_spec, _ = resolve_spec(("batch", "length", "kv_heads", "head_dim"), k.shape, mesh)
+    q_spec, kv_spec = (tuple(s) + (None,) * (4 - len(s)) for s in (q_spec, kv_spec))
+    rows = q_spec[0]
+    head_axes = q_spec[2]
+    select_kv = head_axes is not None and kv_spec[2] is None  # query heads split, KV heads replicated
+    if select_kv:
+        names = head_axes if isinstance(head_axes, tuple) else (head_axes,)
+        shards = math.prod(mesh.shape[a] for a in names)
+        if shards % nkv:
+            head_axes, select_kv = None, False
+    q_spec = PartitionSpec(rows, None, head_axes, None)
+    kv_spec = PartitionSpec(rows, None, None if select_kv else head_axes, None)
+    row_spec = PartitionSpec(rows, None)
+    arrays = {name: getattr(meta, name) for name in ("key_valid", "segment_ids") if getattr(meta, name) is not None}
+
+    def local(q, k, v, arrays):
+        if select_kv:  # this shard's query heads all read KV head shard // (shards / nkv)
+            head = jax.lax.axis_index(names) // (shards // nkv)
+            k, v = (jax.lax.dynamic_slice_in_dim(x, head, 1, axis=2) for x in (k, v))
+        return kernel(q, k, v, dataclasses.replace(meta, **arrays))
+
+    # check_vma off: Pallas kernels declare outputs without per-axis variance.
+    return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, {n: row_spec for n in arrays}),
+                         out_specs=q_spec, check_vma=False)(q, k, v, arrays)

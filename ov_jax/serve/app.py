@@ -6,7 +6,8 @@ callback. In a multi-host job process 0 serves and the other processes follow it
 (`ov_jax.serve.lockstep`). Endpoints: ``POST /v1/chat/completions`` (JSON or server-sent events),
 ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus). Errors carry OpenAI's body
 ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad field, image or over-long prompt (the field
-is named), 429 when the queue is full, 503 while shutting down.
+is named), 429 when the queue is full, 503 while shutting down, 500 (``server_error``) for a request the engine
+failed (a device error; a stream already under way ends with that error body as its last event).
 """
 
 from __future__ import annotations
@@ -313,8 +314,9 @@ class Completion:
                     text, self.finish_reason = text[:cut], "stop"
                     self.cancel()
                 elif finished:
-                    if self.request.error is not None:
-                        raise self.request.error
+                    if self.request.error is not None:  # the engine failed the request (e.g. a device error)
+                        raise ServeError(500, f"generation failed: {self.request.error}",
+                                         "server_error") from self.request.error
                     stopped = bool(self.tokens) and self.tokens[-1] in self.request.stop_ids
                     self.finish_reason = "stop" if stopped else "length"
                 self.text = text
@@ -428,6 +430,9 @@ async def _sse(completion: Completion, ident: str, created: int, model: str):
         yield event({}, completion.finish_reason)
         if completion.chat.include_usage:
             yield event(None, usage=completion.usage())
+    except ServeError as err:  # the status line is sent: the stream ends with an error event instead
+        yield f"data: {json.dumps(err.body())}\n\n"
+    else:
         yield "data: [DONE]\n\n"
     finally:
         await pieces.aclose()  # a disconnected client lands here: the request is cancelled, its slot freed

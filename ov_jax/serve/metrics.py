@@ -48,7 +48,8 @@ class Metrics:
         if request.first_token_at is not None:
             self._ttft.observe(request.first_token_at - request.submitted_at)
         self._tokens.inc(len(completion.tokens))
-        self._requests.labels(completion.finish_reason or "cancelled").inc()
+        outcome = "error" if request.error is not None else completion.finish_reason or "cancelled"
+        self._requests.labels(outcome).inc()
 
     def rejected(self, status: int) -> None:
         self._requests.labels(f"http_{status}").inc()

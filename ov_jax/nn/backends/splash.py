@@ -5,8 +5,9 @@ the reference backend. Off TPU the same kernel runs in Pallas interpret mode (ex
 Padding and packing become splash segment ids (invalid keys in segment 0, so a valid query never sees them);
 the sequence is padded to a multiple of :data:`BLOCK` with segment-0 slots. Queries are pre-scaled by
 ``1/sqrt(hd)`` (the kernel does not scale). Grouped-query heads map onto the kernel's multi-head form
-(``num_q_heads`` a multiple of ``num_kv_heads``); rows run under ``vmap``. The backward blocks are given too, so
-the kernel is differentiable (training).
+(``num_q_heads`` a multiple of ``num_kv_heads``); rows run under ``vmap``. Under an active multi-device mesh
+the kernel runs per shard (:func:`~ov_jax.nn.attention.per_shard_self_attention`): rows over the batch axes,
+heads over ``tensor``. The backward blocks are given too, so the kernel is differentiable (training).
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ov_jax.nn.attention import AttentionMeta
+from ov_jax.nn.attention import AttentionMeta, per_shard_self_attention
 from ov_jax.nn.backends import xla
 
 BLOCK = 128  # query / key block; the kernel's key compute block must be a multiple of 128 lanes
 
 
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: AttentionMeta) -> jax.Array:
+    """Splash self-attention ``[B, T, nh, hd]`` (per shard under an active mesh)."""
+    return per_shard_self_attention(_splash, q, k, v, meta)
+
+
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array, meta: AttentionMeta) -> jax.Array:
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     b, t, nh, hd = q.shape
