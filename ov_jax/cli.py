@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from ov_jax.paths import check_file, decode_utf8, read_text
+from ov_jax.paths import read_prompt
 
 EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
 ASSETS = pathlib.Path(__file__).parent / "assets"
@@ -78,28 +78,6 @@ def check_video(path: str) -> str:
     return check_video_file(path)
 
 
-def read_prompt(prompt: str | None, prompt_file: str | None) -> str | None:
-    """The prompt given as ``--prompt TEXT`` or ``--prompt-file PATH`` (``-`` = stdin; one final newline is
-    dropped); text that is not valid UTF-8, or only whitespace, is an error naming where it came from."""
-    if prompt_file is None:
-        if prompt is None:
-            return None
-        text, where = prompt, "--prompt"
-        try:
-            text.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates
-        except UnicodeEncodeError:
-            raise UsageError("--prompt is not valid UTF-8 text") from None
-    else:
-        if prompt_file == "-":
-            text, where = decode_utf8(sys.stdin.buffer.read(), "the prompt on stdin"), "the prompt on stdin"
-        else:
-            text, where = read_text(prompt_file, "prompt file"), f"prompt file {prompt_file!r}"
-        text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
-    if not text.strip():
-        raise UsageError(f"{where} is empty")
-    return text
-
-
 # ----------------------------------------------------------------------------------------- make-tiny
 
 
@@ -125,47 +103,6 @@ def run_convert(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ generate
 
 
-class StdoutStreamer:
-    """Prints row 0's new tokens as text while ``generate`` runs; stops printing at a stop token.
-
-    The whole answer is re-decoded at each step and only the new suffix is printed, so multi-byte
-    characters split across tokens appear once complete (as transformers' ``TextStreamer``).
-    """
-
-    def __init__(self, processor, stop_ids: Sequence[int], out=None):
-        self.processor, self.stop_ids, self.out = processor, set(stop_ids), out or sys.stdout
-        self.tokens: list[int] = []
-        self.printed = ""
-        self.finished = False
-        self.first_token_time: float | None = None
-        self.count = 0
-
-    def put(self, tokens) -> None:
-        if self.first_token_time is None:
-            self.first_token_time = time.perf_counter()
-        if self.finished:
-            return
-        token = int(tokens[0])
-        self.count += 1
-        if token in self.stop_ids:
-            self.finished = True
-            return
-        self.tokens.append(token)
-        text = self.processor.decode(self.tokens, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            self._write(text)
-
-    def end(self) -> None:
-        self._write(self.processor.decode(self.tokens, skip_special_tokens=True))
-        self.out.write("\n")
-        self.out.flush()
-
-    def _write(self, text: str) -> None:
-        self.out.write(text[len(self.printed):])
-        self.out.flush()
-        self.printed = text
-
-
 def _steps_bar(total: int, desc: str):
     """A tqdm bar over a few named steps (the current one shown as its postfix); it clears itself when closed,
     so an error raised while it runs is still the only line left on the terminal."""
@@ -173,20 +110,6 @@ def _steps_bar(total: int, desc: str):
 
     return tqdm(total=total, desc=desc, unit="step", leave=False,
                 bar_format="{desc}: {n_fmt}/{total_fmt} {postfix} [{elapsed}]")
-
-
-def _make_mesh(spec: str):
-    from ov_jax.sharding import MeshError, make_mesh
-
-    try:
-        return make_mesh(spec)
-    except MeshError as err:
-        import jax
-
-        if jax.default_backend() == "cpu" and "devices but" in str(err):
-            raise UsageError(f"{err}; on CPU, simulate devices by setting "
-                             "XLA_FLAGS=--xla_force_host_platform_device_count=N before running") from None
-        raise
 
 
 def _check_generate_args(args: argparse.Namespace) -> None:
@@ -224,7 +147,9 @@ def _check_filters_apply(args: argparse.Namespace, do_sample: bool | None) -> No
 def run_generate(args: argparse.Namespace) -> int:
     _check_generate_args(args)
     images = load_images(args.image)
-    mesh = None if args.mesh is None else _make_mesh(args.mesh)
+    from ov_jax.sharding import make_mesh
+
+    mesh = None if args.mesh is None else make_mesh(args.mesh)
     from ov_jax.hub import resolve_checkpoint
 
     model_dir = resolve_checkpoint(args.model)
@@ -248,20 +173,17 @@ def run_generate(args: argparse.Namespace) -> int:
         bar.set_postfix_str("done")
 
     from ov_jax.engine import engine_for
-    from ov_jax.generation import check_max_positions
+    from ov_jax.engine.streaming import TextStreamer
 
     overrides = sampling_overrides(args)
     generation = model.generation_config.merged(max_new_tokens=args.max_new_tokens, **overrides)
     _check_filters_apply(args, generation.do_sample)
-    buckets = engine_for(model).buckets
-    prompt_length, media_tokens = inputs["input_ids"].shape[1], _media_token_count(inputs, model)
-    check_max_positions(model.config.text, prompt_length, args.max_new_tokens, args.allow_beyond_max_positions)
-    prompt_bucket = buckets.prompt_bucket(prompt_length, media_tokens)
-    buckets.cache_bucket(prompt_bucket, args.max_new_tokens, prompt_length, media_tokens)  # too long: clear error
-    model.warmup(prompt_lengths=(prompt_bucket,), max_new_tokens=args.max_new_tokens,
-                 media="pixel_values" in inputs or "pixel_values_videos" in inputs)
+    prompt_length = inputs["input_ids"].shape[1]
+    engine_for(model).warmup_request(inputs["input_ids"], args.max_new_tokens,
+                                     media="pixel_values" in inputs or "pixel_values_videos" in inputs,
+                                     allow_beyond_max_positions=args.allow_beyond_max_positions)
 
-    streamer = StdoutStreamer(processor, generation.eos_token_id)
+    streamer = TextStreamer(processor, generation.eos_token_id)
     start = time.perf_counter()
     model.generate(**inputs, max_new_tokens=args.max_new_tokens, seed=args.seed, streamer=streamer,
                    allow_beyond_max_positions=args.allow_beyond_max_positions, **overrides)
@@ -271,11 +193,6 @@ def run_generate(args: argparse.Namespace) -> int:
     print(f"[{streamer.count} tokens in {elapsed:.2f} s: {decode} tokens/s decode, first token after "
           f"{first:.2f} s; prompt {prompt_length} tokens]", flush=True)
     return EXIT_OK
-
-
-def _media_token_count(inputs, model) -> int:
-    ids = inputs["input_ids"]
-    return int(((ids == model.config.image_token_id) | (ids == model.config.video_token_id)).sum())
 
 
 # ------------------------------------------------------------------------------------------- compare
@@ -307,7 +224,9 @@ def run_batch(args: argparse.Namespace) -> int:
 
     check_arguments(args)
     if args.mesh is not None and not args.coordinator and not os.environ.get("OV_JAX_COORDINATOR"):
-        _make_mesh(args.mesh)  # a bad mesh is reported before the model loads
+        from ov_jax.sharding import make_mesh
+
+        make_mesh(args.mesh)  # a bad mesh is reported before the model loads
     print(run_from_args(args), flush=True)
     return EXIT_OK
 
@@ -315,17 +234,13 @@ def run_batch(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ finetune / export
 
 
-FINETUNE_SETTINGS = ("model", "data", "media_root", "steps", "batch_size", "grad_accum", "learning_rate", "warmup",
-                     "weight_decay", "freeze", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout",
-                     "max_length", "num_frames", "packing", "mesh", "compute_dtype", "seed", "save_every", "keep")
-
-
 def run_finetune(args: argparse.Namespace) -> int:
     """Fine-tune into a run directory (`ov_jax.train.runs.finetune`); flags left out keep their defaults (or,
     with --resume, the run's saved settings)."""
-    from ov_jax.train.runs import finetune, run_settings
+    from ov_jax.train.runs import RunConfig, finetune, run_settings
 
-    given = {name: getattr(args, name) for name in FINETUNE_SETTINGS if getattr(args, name) is not None}
+    given = {name: value for name, value in vars(args).items()
+             if name in RunConfig.__dataclass_fields__ and value is not None}
     config = run_settings(args.output, resume=args.resume, **given)
     result = finetune(args.output, config, resume=args.resume, overwrite=args.overwrite)
     last = result.metrics[-1] if result.metrics else None
@@ -371,6 +286,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh", help="device mesh, e.g. fsdp=4,tensor=2, a preset name or a mesh .json file")
     parser.add_argument("--dtype", dest="compute_dtype", choices=DTYPES,
                         help="compute dtype (params stay float32; default float32)")
+    parser.add_argument("--attention", help="attention backend: auto, xla, cpu, cudnn (GPU, bfloat16 / float16) or "
+                                            "splash (TPU) (default auto: cpu on CPU, cudnn or xla on GPU, splash on TPU)")
     parser.add_argument("--seed", type=int, help="data order and RNG seed (default 0)")
     parser.add_argument("--save-every", type=int, help="checkpoint interval in steps (default 50)")
     parser.add_argument("--keep", type=int, help="checkpoints kept (default 3)")

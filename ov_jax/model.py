@@ -18,12 +18,14 @@ import numpy as np
 
 from ov_jax.config import OneVisionConfig
 from ov_jax.generation import GenerationConfig
-from ov_jax.media_plan import build_media_plan
+from ov_jax.inputs import integers, model_inputs
 from ov_jax.modeling import llava, lm_head
 from ov_jax.nn.backends import platform_of, resolve_attention
 from ov_jax.params import LoraSpec, check_tree, param_specs
 from ov_jax.sharding import mesh_of
 
+# `llava.hidden_states`' array arguments, in order (keys of `ov_jax.inputs.model_inputs`).
+HIDDEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "tower_inputs", "tap_index", "tap_weight", "is_media")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -48,20 +50,13 @@ class OneVisionOutput:
     loss: jax.Array | None = None
 
 
-def _as_int_array(x, name: str) -> np.ndarray:
-    a = np.asarray(x)
-    if a.dtype.kind not in "iu":
-        raise TypeError(f"{name} must hold integers, got dtype {a.dtype}")
-    return a
-
-
 def _logits_to_keep(value, length: int) -> tuple[int, np.ndarray | None]:
     """``logits_to_keep`` as ``(keep_last, keep_index)``: an int (last N positions, 0 = all) or positions."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         if value < 0:
             raise ValueError(f"logits_to_keep must be >= 0, got {value}")
         return int(value), None
-    index = _as_int_array(value, "logits_to_keep")
+    index = integers(value, "logits_to_keep")
     if index.ndim != 1:
         raise ValueError(f"logits_to_keep must be an int or a 1-D array of positions, got shape {index.shape}")
     if index.size and (index.min() < -length or index.max() >= length):
@@ -221,30 +216,19 @@ class LlavaOnevision:
         return jax.jit(functools.partial(llava.hidden_states, config=self.config, dtype=self.dtype,
                                          attention=self.attention))
 
-    def _hidden(self, inputs: tuple) -> jax.Array:
+    def _inputs(self, input_ids, attention_mask, pixel_values, image_sizes, batch_num_images, pixel_values_videos,
+                position_ids, labels=None) -> dict[str, np.ndarray]:
+        """Checked inputs of `llava.hidden_states` (`ov_jax.inputs.model_inputs`), ``labels`` included if given."""
+        return model_inputs(self.config, input_ids, attention_mask, pixel_values, image_sizes, batch_num_images,
+                            pixel_values_videos, position_ids, labels=labels)
+
+    def _hidden(self, inputs: dict[str, np.ndarray]) -> jax.Array:
         """`llava.hidden_states` of :meth:`_inputs`, traced under the params' mesh when they are placed on one
         (``jax.set_mesh``: the rules table's activation shardings apply and fused attention kernels run per
         shard)."""
         mesh = mesh_of(self.params)
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            return self._jit_hidden(self.params, *inputs)
-
-    def _inputs(self, input_ids, attention_mask, pixel_values, image_sizes, batch_num_images, pixel_values_videos,
-                position_ids) -> tuple:
-        """Checked device-ready inputs of `llava.hidden_states` (positions default to ``arange``)."""
-        input_ids = _as_int_array(input_ids, "input_ids")
-        if input_ids.ndim == 1:
-            input_ids = input_ids[None]
-        b, t = input_ids.shape
-        mask = np.ones((b, t), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-        if mask.shape != (b, t):
-            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {(b, t)}")
-        if position_ids is None:
-            position_ids = np.broadcast_to(np.arange(t), (b, t))
-        plan = build_media_plan(input_ids, self.config, pixel_values, image_sizes, batch_num_images,
-                                pixel_values_videos)
-        return (input_ids.astype(np.int32), mask, np.asarray(position_ids, np.int32), plan.tower_inputs,
-                plan.tap_index, plan.tap_weight, plan.is_media)
+            return self._jit_hidden(self.params, *(inputs[k] for k in HIDDEN_INPUTS))
 
     def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
                       batch_num_images=None, pixel_values_videos=None, position_ids=None) -> jax.Array:
@@ -262,21 +246,13 @@ class LlavaOnevision:
         computed in chunks over the vocabulary from every position whatever ``logits_to_keep`` keeps.
         """
         inputs = self._inputs(input_ids, attention_mask, pixel_values, image_sizes, batch_num_images,
-                              pixel_values_videos, position_ids)
-        b, t = inputs[0].shape
-        keep_last, keep_index = _logits_to_keep(logits_to_keep, t)
-        if labels is not None:
-            labels = _as_int_array(labels, "labels")
-            if labels.ndim == 1:
-                labels = labels[None]
-            if labels.shape != (b, t):
-                raise ValueError(f"labels shape {labels.shape} != input_ids shape {(b, t)}")
-            labels = labels.astype(np.int32)
+                              pixel_values_videos, position_ids, labels)
+        keep_last, keep_index = _logits_to_keep(logits_to_keep, inputs["input_ids"].shape[1])
         # Three executables, not one: XLA:CPU holds a second [B, T, V] buffer when the logits product is fused
         # into the same program as the decoder (measured: 5.7 vs 3.0 GB peak at 4,314 tokens, 151,936 vocab).
         hidden = self._hidden(inputs)
         logits = self._jit_logits(self.params["text"], hidden, keep_index, keep_last=keep_last)
-        loss = None if labels is None else self._jit_loss(self.params["text"], hidden, labels)
+        loss = None if labels is None else self._jit_loss(self.params["text"], hidden, inputs["labels"])
         return OneVisionOutput(logits=logits, loss=loss)
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,

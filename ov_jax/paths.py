@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 
 MISSING = "does not exist"
 # path_problem's words for a path that is simply not there (nothing to follow, nothing in the way).
@@ -22,6 +23,10 @@ UNREADABLE = "is not readable (permission denied)"
 
 class NotUTF8Error(ValueError):
     """Text input (a prompt file, a requests line) that is not valid UTF-8."""
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be used: empty, or command-line text that is not UTF-8."""
 
 
 def path_problem(path: str | os.PathLike) -> str | None:
@@ -100,3 +105,27 @@ def decode_utf8(data: bytes, where: str) -> str:
     except UnicodeDecodeError as err:
         raise NotUTF8Error(f"{where} is not valid UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}: "
                            f"{err.reason})") from None
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str | None:
+    """The prompt given as ``--prompt TEXT`` or ``--prompt-file PATH`` (``-`` = stdin; one final newline is
+    dropped), or None when neither is given. Text that is not valid UTF-8 (:class:`NotUTF8Error`, or a
+    :class:`PromptError` for argv text) or only whitespace (:class:`PromptError`) is an error naming where it
+    came from; a file that cannot be read is an ``OSError`` (:func:`check_file`)."""
+    if prompt_file is None:
+        if prompt is None:
+            return None
+        text, where = prompt, "--prompt"
+        try:
+            text.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates
+        except UnicodeEncodeError:
+            raise PromptError("--prompt is not valid UTF-8 text") from None
+    else:
+        if prompt_file == "-":
+            text, where = decode_utf8(sys.stdin.buffer.read(), "the prompt on stdin"), "the prompt on stdin"
+        else:
+            text, where = read_text(prompt_file, "prompt file"), f"prompt file {prompt_file!r}"
+        text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    if not text.strip():
+        raise PromptError(f"{where} is empty")
+    return text

@@ -154,15 +154,23 @@ def make_mesh(spec: Mesh | AbstractMesh | str | Mapping[str, int] | os.PathLike 
 
     ``spec`` None means data parallelism over every device. The product of the sizes must equal the
     device count; ``tensor`` is the fastest-varying axis, so on a multi-host slice it stays within a
-    host (``jax.make_mesh`` orders devices along the physical topology).
+    host (``jax.make_mesh`` orders devices along the physical topology). Raises :class:`MeshError` for a bad
+    spec or one that does not fit the devices (on CPU, naming the flag that simulates more).
     """
     if isinstance(spec, (Mesh, AbstractMesh)):
         missing = [a for a in spec.axis_names if a not in MESH_AXES]
         if missing:
             raise MeshError(f"mesh axes {spec.axis_names} include {missing}; allowed axes are {MESH_AXES}")
         return spec
-    devices = list(devices) if devices is not None else jax.devices()
-    shape = mesh_shape(spec, len(devices))
+    given = devices is not None
+    devices = list(devices) if given else jax.devices()
+    try:
+        shape = mesh_shape(spec, len(devices))
+    except MeshError as err:
+        if given or jax.default_backend() != "cpu" or "devices but" not in str(err):
+            raise
+        raise MeshError(f"{err}; on CPU, simulate devices by setting "
+                        "XLA_FLAGS=--xla_force_host_platform_device_count=N before running") from None
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     try:
         return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)

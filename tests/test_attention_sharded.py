@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ov_jax.geometry import video_token_count
-from ov_jax.model import LlavaOnevision
+from ov_jax.model import HIDDEN_INPUTS, LlavaOnevision
 from ov_jax.nn.attention import AttentionMeta, attention
 from ov_jax.nn.backends import cudnn
 from ov_jax.sharding import make_mesh, mesh_of
@@ -39,8 +39,9 @@ def batch(tiny_ckpt):
 
 def _manual_computations(model, ids, inputs) -> int:
     """How many ``shard_map`` regions the model's forward lowers to under its params' mesh."""
-    args = model._inputs(ids, inputs["attention_mask"], None, None, None, inputs["pixel_values_videos"],
-                         inputs["position_ids"])
+    checked = model._inputs(ids, inputs["attention_mask"], None, None, None, inputs["pixel_values_videos"],
+                            inputs["position_ids"])
+    args = [checked[k] for k in HIDDEN_INPUTS]
     with jax.set_mesh(mesh_of(model.params)):
         return model._jit_hidden.lower(model.params, *args).as_text().count("sdy.manual_computation")
 

@@ -60,9 +60,10 @@ def test_lora_finetune_then_export_loads_in_transformers(tiny_ckpt, folder, env)
     result = ov_jax("finetune", "--model", tiny_ckpt, "--data", "train.jsonl", "--output", "run", "--steps", 3,
                     "--batch-size", 3, "--learning-rate", 1e-2, "--max-length", 2048, "--num-frames", 2,
                     "--lora-rank", 4, "--lora-alpha", 8, "--lora-targets", r"text\.layers\.(q|v)", "--save-every", 2,
-                    cwd=folder, env=env)
+                    "--attention", "xla", cwd=folder, env=env)
     assert result.returncode == 0, result.stderr
     assert "step 3, loss" in result.stdout
+    assert json.loads((folder / "run" / "run.json").read_text())["attention"] == "xla"
     records = runs.read_metrics(folder / "run")
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["samples"] == 3 for r in records)
     assert records[-1]["loss"] < records[0]["loss"]
@@ -110,6 +111,10 @@ def test_lora_finetune_then_export_loads_in_transformers(tiny_ckpt, folder, env)
     (["--model", "{tiny}", "--data", "train.jsonl", "--output", "r", "--lora-rank", "2", "--lora-targets", "nope"],
      "nope"),
     (["--output", "mine", "--resume"], "not a fine-tuning run directory"),
+    (["--model", "{tiny}", "--data", "train.jsonl", "--output", "r", "--attention", "flash"],
+     "attention must be one of auto, xla, cpu, cudnn, splash, got 'flash'"),
+    (["--model", "{tiny}", "--data", "train.jsonl", "--output", "r", "--attention", "cudnn"],
+     "attention='cudnn' needs an NVIDIA GPU"),
 ])
 def test_bad_finetune_arguments_are_one_error_line(tiny_ckpt, folder, env, args, message):
     (folder / "bad.jsonl").write_text((folder / "train.jsonl").read_text().splitlines()[2] + "\n{oops\n")

@@ -12,8 +12,9 @@ from ov_jax import sharding as sh
 from ov_jax.config import OneVisionConfig, TextConfig, VisionConfig
 from ov_jax.engine import steps
 from ov_jax.geometry import image_token_count
+from ov_jax.inputs import model_inputs
 from ov_jax.media_plan import build_media_plan
-from ov_jax.model import LlavaOnevision
+from ov_jax.model import HIDDEN_INPUTS, LlavaOnevision
 from ov_jax.modeling import llava
 from ov_jax.nn.lora import LM_LINEARS, adapter_count, add_lora, is_adapter, merge_lora
 from ov_jax.params import LoraSpec, check_tree, logical_axes, param_specs, random_params
@@ -104,8 +105,9 @@ def test_gradients_reach_adapters_not_the_scale(inputs):
     media, _ = inputs
     params, spec = add_lora(jax.tree.map(jnp.asarray, random_params(CONFIG, seed=1)), CONFIG, 4, 8.0, EVERYWHERE)
     params = _trained(params)
-    model = LlavaOnevision(CONFIG, params, lora=spec)
-    args = model._inputs(media["input_ids"], None, media["pixel_values"], media["image_sizes"], None, None, None)
+    checked = model_inputs(CONFIG, media["input_ids"], pixel_values=media["pixel_values"],
+                           image_sizes=media["image_sizes"])
+    args = [checked[k] for k in HIDDEN_INPUTS]
     labels = jnp.asarray(media["input_ids"])
 
     def loss(params):

@@ -486,6 +486,22 @@ class Engine:
             enable_compilation_cache(compilation_cache_dir)
         return self._run_jobs(self.executable_jobs(prompt_lengths, max_new_tokens, media, cache_lengths), progress)
 
+    def warmup_request(self, input_ids, max_new_tokens: int, *, media: bool = True,
+                       allow_beyond_max_positions: bool = False, progress: bool = True) -> list[CompileRecord]:
+        """:meth:`warmup` for one request: the prompt bucket of ``input_ids`` (``[B, T]`` or ``[T]``, its image
+        and video placeholders counted) and the cache bucket ``max_new_tokens`` more need. Raises the errors
+        :meth:`generate` would (``ValueError`` past ``max_position_embeddings`` unless
+        ``allow_beyond_max_positions``; `ov_jax.engine.PromptTooLongError` when no bucket fits) before any
+        compile."""
+        ids = np.asarray(input_ids)
+        prompt_length = ids.shape[-1]
+        media_tokens = int(np.isin(ids, (self.config.image_token_id, self.config.video_token_id)).sum())
+        check_max_positions(self.config.text, prompt_length, max_new_tokens, allow_beyond_max_positions)
+        prompt_bucket = self.buckets.prompt_bucket(prompt_length, media_tokens)
+        self.buckets.cache_bucket(prompt_bucket, max_new_tokens, prompt_length, media_tokens)
+        return self.warmup(prompt_lengths=(prompt_bucket,), max_new_tokens=max_new_tokens, media=media,
+                           progress=progress)
+
     def _run_jobs(self, jobs, progress: bool) -> list[CompileRecord]:
         from tqdm.auto import tqdm
 

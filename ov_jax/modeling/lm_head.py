@@ -57,7 +57,8 @@ def causal_lm_loss(params: dict, hidden: jax.Array, labels: jax.Array, *, ignore
     ``params``: the text params (``embed`` / ``lm_head``); ``hidden [B, T, H]``: final-normed hidden states;
     ``labels [B, T]`` int, ``ignore_index`` where no loss is taken. Position ``t`` predicts ``labels[t + 1]``,
     as transformers' ``ForCausalLMLoss``; its mean loss is ``sum / count``. Logits are float32, computed
-    ``chunk_size`` tokens (of the flattened ``B · T``) at a time.
+    ``chunk_size`` tokens (of the flattened ``B · T``) at a time; an lm_head LoRA dropout key (training,
+    `ov_jax.train.lora.with_dropout`) is folded with the chunk's index, so each chunk draws its own mask.
     """
     b, t, h = hidden.shape
     targets = shift_labels(labels.astype(jnp.int32), ignore_index).reshape(b * t)
@@ -82,10 +83,12 @@ class _HeadLayout(tuple):
     def __new__(cls, treedef, is_float, tied, ignore_index):
         return super().__new__(cls, (treedef, is_float, tied, ignore_index))
 
-    def logits(self, floats, others, hidden_chunk):
+    def logits(self, floats, others, hidden_chunk, index):
         treedef, is_float, tied, _ = self
         fl, ot = iter(floats), iter(others)
         head = jax.tree.unflatten(treedef, [next(fl) if f else next(ot) for f in is_float])
+        if isinstance(head, dict) and "lora_dropout_key" in head:  # chunk ``index`` draws its own dropout mask
+            head = head | {"lora_dropout_key": jax.random.fold_in(head["lora_dropout_key"], index)}
         return _head_logits(head, hidden_chunk, tied)
 
 
@@ -101,17 +104,18 @@ def _chunk_terms(layout: _HeadLayout, logits: jax.Array, target_chunk: jax.Array
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused_nll(layout, floats, others, hidden_chunks, target_chunks):
     def body(total, xs):
-        logits = layout.logits(floats, others, xs[0])  # [chunk, V] float32
+        logits = layout.logits(floats, others, xs[0], xs[2])  # [chunk, V] float32
         return total + _chunk_terms(layout, logits, xs[1])[0], None
 
-    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden_chunks, target_chunks))[0]
+    chunks = (hidden_chunks, target_chunks, jnp.arange(hidden_chunks.shape[0]))
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks)[0]
 
 
 def _fused_nll_fwd(layout, floats, others, hidden_chunks, target_chunks):
     def body(carry, xs):
         total, g_floats = carry
-        hidden_chunk, target_chunk = xs
-        logits, pullback = jax.vjp(lambda w, x: layout.logits(w, others, x), floats, hidden_chunk)
+        hidden_chunk, target_chunk, index = xs
+        logits, pullback = jax.vjp(lambda w, x: layout.logits(w, others, x, index), floats, hidden_chunk)
         nll, valid, safe, lse = _chunk_terms(layout, logits, target_chunk)
         vocab = jnp.arange(logits.shape[-1], dtype=safe.dtype)
         d_logits = jnp.where(valid[:, None], jnp.exp(logits - lse[:, None]) - (vocab == safe[:, None]), 0.0)
@@ -119,8 +123,8 @@ def _fused_nll_fwd(layout, floats, others, hidden_chunks, target_chunks):
         return (total + nll, jax.tree.map(jnp.add, g_floats, d_floats)), d_hidden
 
     zeros = jax.tree.map(jnp.zeros_like, floats)
-    (total, g_floats), g_hidden = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                               (hidden_chunks, target_chunks))
+    chunks = (hidden_chunks, target_chunks, jnp.arange(hidden_chunks.shape[0]))
+    (total, g_floats), g_hidden = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), chunks)
     return total, (g_floats, g_hidden, others, target_chunks)
 
 

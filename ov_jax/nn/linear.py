@@ -16,7 +16,8 @@ A *weight leaf* is either a plain array (the embedding table ``text.embed``) or 
   (``y += lora_scale · (x · lora_a) · lora_b``; ``lora_scale`` = alpha / r is a constant: its gradient is
   stopped here, and it is excluded from training by `ov_jax.nn.lora.is_adapter`);
 * ``lora_dropout_key [2]``, ``lora_dropout_rate []`` — training only (`ov_jax.train.lora.with_dropout`):
-  the adapter's input is dropped with that rate (inverted dropout), as PEFT's ``lora_dropout``.
+  the adapter's input is dropped with that rate (inverted dropout), as PEFT's ``lora_dropout``; only
+  :func:`linear` reads them (an embedding table's adapters take no dropout, as PEFT's LoRA ``Embedding``).
 
 Every product with a weight goes through :func:`linear` (or :func:`linear_transposed` / :func:`embed_rows`
 for a ``[V, H]`` table; :func:`matmul` for a 2-D ``[out, in]`` serving matrix, :func:`serving_matrix`),

@@ -8,7 +8,8 @@ A :data:`Batch` is a plain dict of numpy arrays for ``B`` rows of ``T`` tokens:
   tap_index     int32 [B, T, 4]   tap_weight float32 [B, T, 4]   is_media bool [B, T]
   segment_ids   int32 [B, T]      optional: packed rows (1, 2, ... per sample, 0 = padding)
 
-The media plan is built exactly as ``LlavaOnevision.__call__`` builds it (`ov_jax.media_plan`).
+The arrays are checked and the media planned exactly as ``LlavaOnevision.__call__`` does
+(`ov_jax.inputs.model_inputs`).
 :func:`stack_micro_batches` pads K such batches to one shape and stacks them on a leading micro-batch axis.
 """
 
@@ -19,22 +20,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from ov_jax.config import OneVisionConfig
-from ov_jax.media_plan import build_media_plan
+from ov_jax.inputs import IGNORE_INDEX, InputError, model_inputs
 
-IGNORE_INDEX = -100
 Batch = dict[str, np.ndarray]
 TOKEN_FIELDS = ("input_ids", "attention_mask", "position_ids", "labels", "tap_index", "tap_weight", "is_media")
 
 
-class BatchError(ValueError):
-    """Training inputs that do not describe one consistent batch (named field and shapes in the message)."""
-
-
-def _integers(x: Any, name: str) -> np.ndarray:
-    a = np.asarray(x)
-    if a.dtype.kind not in "iu":
-        raise BatchError(f"{name} must hold integers, got dtype {a.dtype}")
-    return a
+class BatchError(InputError):
+    """Micro-batches that cannot be stacked into one step's batch (the message says why)."""
 
 
 def make_batch(config: OneVisionConfig, *, labels, input_ids, attention_mask=None, pixel_values=None,
@@ -43,44 +36,13 @@ def make_batch(config: OneVisionConfig, *, labels, input_ids, attention_mask=Non
     """One (micro-)batch from the processor's outputs and ``labels [B, T]``.
 
     ``unused`` takes processor outputs the model does not read (e.g. ``assistant_masks``). Positions default
-    to ``arange(T)`` per row, as transformers' forward does; ``segment_ids`` mark packed rows.
-    Raises :class:`BatchError` on mismatched shapes or labels outside ``[0, vocab)`` ∪ {-100}, and
+    to ``arange(T)`` per row, as transformers' forward does; ``segment_ids`` mark packed rows. The checks are
+    the model's own (`ov_jax.inputs.model_inputs`): `ov_jax.inputs.InputError` (a ``ValueError``) on
+    non-integer ids, mismatched shapes or labels outside ``[0, vocab)`` ∪ {-100}, and
     `ov_jax.media_plan.MediaMismatchError` when placeholders and media disagree.
     """
-    input_ids = _integers(input_ids, "input_ids")
-    if input_ids.ndim == 1:
-        input_ids = input_ids[None]
-    b, t = input_ids.shape
-    labels = _integers(labels, "labels")
-    labels = labels[None] if labels.ndim == 1 else labels
-    if labels.shape != (b, t):
-        raise BatchError(f"labels shape {labels.shape} != input_ids shape {(b, t)}")
-    vocab = config.text.vocab_size
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))
-    if bad.any():
-        raise BatchError(f"labels hold {int(bad.sum())} value(s) outside [0, {vocab}) and != {IGNORE_INDEX}, "
-                         f"e.g. {int(labels[bad][0])}")
-    mask = np.ones((b, t), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    if mask.shape != (b, t):
-        raise BatchError(f"attention_mask shape {mask.shape} != input_ids shape {(b, t)}")
-    if position_ids is None:
-        position_ids = np.broadcast_to(np.arange(t), (b, t))
-    position_ids = _integers(position_ids, "position_ids")
-    if position_ids.shape != (b, t):
-        raise BatchError(f"position_ids shape {position_ids.shape} != input_ids shape {(b, t)}")
-    plan = build_media_plan(input_ids, config, pixel_values, image_sizes, batch_num_images, pixel_values_videos)
-    extra = {}
-    if segment_ids is not None:
-        segment_ids = _integers(segment_ids, "segment_ids")
-        if segment_ids.shape != (b, t):
-            raise BatchError(f"segment_ids shape {segment_ids.shape} != input_ids shape {(b, t)}")
-        extra["segment_ids"] = segment_ids.astype(np.int32)
-    return extra | {
-        "input_ids": input_ids.astype(np.int32), "attention_mask": mask,
-        "position_ids": np.asarray(position_ids, np.int32), "labels": labels.astype(np.int32),
-        "tower_inputs": plan.tower_inputs, "tap_index": plan.tap_index.astype(np.int32),
-        "tap_weight": plan.tap_weight.astype(np.float32), "is_media": plan.is_media,
-    }
+    return model_inputs(config, input_ids, attention_mask, pixel_values, image_sizes, batch_num_images,
+                        pixel_values_videos, position_ids, labels=labels, segment_ids=segment_ids)
 
 
 def token_count(batch: Batch) -> int:

@@ -24,6 +24,11 @@ TARGET_PRESETS: dict[str, str] = {
 }
 
 
+# Weights whose adapters take no dropout: the token embedding (its lookup, and the tied lm_head's product with
+# the same table). PEFT's LoRA ``Embedding`` has no dropout; dropping a one-hot lookup's input is not defined.
+NO_DROPOUT = ("text.embed",)
+
+
 def targets_regex(targets: str | Iterable[str]) -> str:
     """Presets (:data:`TARGET_PRESETS`) and regexes, a comma-separated string or an iterable → one regex that
     `ov_jax.params.LoraSpec` matches against whole weight paths (``text.layers.q``)."""
@@ -44,16 +49,18 @@ def add_lora(params: Params, config: OneVisionConfig, rank: int, alpha: float,
 
 
 def with_dropout(params: Params, rate: float, key: jax.Array) -> Params:
-    """``params`` with a LoRA dropout key and ``rate`` in every adapted weight dict (inside the jitted loss only;
-    `ov_jax.nn.linear.linear` then drops adapter inputs with probability ``rate``). Stacked weights get one
-    key per layer, so the layer scan slices them like the weights."""
+    """``params`` with a LoRA dropout key and ``rate`` in every adapted linear's weight dict (inside the jitted
+    loss only; `ov_jax.nn.linear.linear` then drops adapter inputs with probability ``rate``). Stacked weights get
+    one key per layer, so the layer scan slices them like the weights; the untied lm_head's key is folded with
+    each loss chunk's index (`ov_jax.modeling.lm_head.causal_lm_loss`). Adapters on the token embedding take no
+    dropout (:data:`NO_DROPOUT`), as PEFT's LoRA ``Embedding`` layer, which applies none to its lookups."""
     counter = iter(range(1 << 30))
 
-    def rebuild(node):
+    def rebuild(node, path=""):
         if not isinstance(node, dict):
             return node
-        new = {k: rebuild(v) for k, v in node.items()}
-        if "lora_a" in node:
+        new = {k: rebuild(v, f"{path}.{k}" if path else k) for k, v in node.items()}
+        if "lora_a" in node and path not in NO_DROPOUT:
             lead = node["lora_scale"].shape
             own = jax.random.fold_in(key, next(counter))
             new["lora_dropout_key"] = jax.random.split(own, lead[0]) if lead else own

@@ -31,9 +31,10 @@ CHECKPOINTS = "checkpoints"
 # Batch fields the train step reads (the data pipeline also yields counters for the metrics).
 STEP_FIELDS = ("input_ids", "attention_mask", "position_ids", "labels", "tower_inputs", "tap_index", "tap_weight",
                "is_media")
-# Settings a resumed run may change. save_every and keep do not alter the losses; a new ``steps`` does from the
-# resumed step on, since the cosine decay is recomputed to end at the new total.
-RESUMABLE = ("steps", "save_every", "keep")
+# Settings a resumed run may change. save_every and keep do not alter the losses, attention only their rounding
+# (and "auto" resolves per platform anyway); a new ``steps`` does from the resumed step on, since the cosine decay
+# is recomputed to end at the new total.
+RESUMABLE = ("steps", "save_every", "keep", "attention")
 
 
 class RunError(ValueError):
@@ -54,7 +55,9 @@ class RunConfig:
     over weight paths, `ov_jax.train.lora`; default ``language_model``) and nothing else; export merges them.
     max_length: token budget per row (vision tokens included); num_frames: frames sampled per video;
     packing: several samples per row. mesh: device mesh spec (`ov_jax.sharding`); compute_dtype: activation
-    dtype (params stay float32); seed: data order and RNG. save_every / keep: checkpoint interval and count.
+    dtype (params stay float32); attention: the attention backend (`ov_jax.train.make_train_step`; ``auto``,
+    ``xla``, ``cpu``, ``cudnn``, ``splash``); seed: data order and RNG. save_every / keep: checkpoint interval
+    and count.
     """
 
     model: str
@@ -77,6 +80,7 @@ class RunConfig:
     packing: bool = False
     mesh: str | None = None
     compute_dtype: str = "float32"
+    attention: str = "auto"
     seed: int = 0
     save_every: int = 50
     keep: int = 3
@@ -110,6 +114,10 @@ class RunConfig:
             raise RunError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise RunError(f"compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
+        from ov_jax.nn.backends import CHOICES
+
+        if self.attention not in CHOICES:
+            raise RunError(f"attention must be one of {', '.join(CHOICES)}, got {self.attention!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
@@ -264,6 +272,9 @@ def finetune(output: str | os.PathLike, config: RunConfig | None = None, *, resu
     from ov_jax.train.optim import lr_schedule
 
     directory, config = open_run(output, config, resume=resume, overwrite=overwrite, create=False)
+    from ov_jax.nn.backends import resolve_attention
+
+    resolve_attention(config.attention, jax.default_backend(), config.compute_dtype)  # before anything loads
     say = log or (lambda _: None)
     processor = LlavaOnevisionProcessor.from_pretrained(config.model)
     dataset = train_data.scan(config.data, processor, max_length=config.max_length, num_frames=config.num_frames,
@@ -284,7 +295,7 @@ def finetune(output: str | os.PathLike, config: RunConfig | None = None, *, resu
                                 config.lora_targets or "language_model", seed=config.seed)
     step_fn = make_train_step(model.config, transform, mesh=config.mesh, freeze=config.freeze, lora=lora,
                               lora_dropout=config.lora_dropout, grad_accum=config.grad_accum,
-                              compute_dtype=config.compute_dtype, log=log)
+                              compute_dtype=config.compute_dtype, attention=config.attention, log=log)
     state = step_fn.init(params, seed=config.seed)
     del params
     if config.mesh is None:  # committed like the step's outputs, so the second step does not compile again

@@ -20,6 +20,7 @@ import optax
 from ov_jax import sharding
 from ov_jax.config import OneVisionConfig
 from ov_jax.modeling import llava
+from ov_jax.nn.backends import resolve_attention
 from ov_jax.nn.lora import is_adapter
 from ov_jax.params import LoraSpec, check_tree
 from ov_jax.train import freeze as freezing
@@ -39,28 +40,29 @@ class TrainState:
 
 
 def micro_batch_nll(params: dict, batch: Batch, *, config: OneVisionConfig, compute_dtype: Any,
-                    remat: str | None = None) -> tuple[jax.Array, jax.Array]:
+                    remat: str | None = None, attention: str = "xla") -> tuple[jax.Array, jax.Array]:
     """Sum of next-token negative log-likelihoods (float32) and the number of label tokens, for one batch.
 
     Labels are shifted inside (position ``t`` predicts ``labels[t + 1]``); ``-100`` is ignored. The loss is
     `ov_jax.modeling.llava.loss`: chunked over the vocabulary, never a full ``[B, T, V]`` logits tensor.
+    ``attention``: a resolved backend name (`ov_jax.nn.backends.resolve_attention`).
     """
     return llava.loss(params, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
                       batch["tower_inputs"], batch["tap_index"], batch["tap_weight"], batch["is_media"],
                       batch["labels"], config=config, dtype=compute_dtype, segment_ids=batch.get("segment_ids"),
-                      remat=remat)
+                      remat=remat, attention=attention)
 
 
 def accumulated_grads(trainable: dict, params: dict, batches: Batch, *, config: OneVisionConfig,
                       compute_dtype: Any, remat: str | None = None, dropout: float = 0.0,
-                      rng: jax.Array | None = None) -> tuple[jax.Array, dict, jax.Array]:
+                      rng: jax.Array | None = None, attention: str = "xla") -> tuple[jax.Array, dict, jax.Array]:
     """Mean loss and its gradient w.r.t. ``trainable`` over K stacked micro-batches (leading axis of ``batches``).
 
     ``trainable`` is a sub-tree of ``params`` (`ov_jax.train.freeze.select`); every other leaf enters under
     ``stop_gradient``. Gradients of the summed token losses are accumulated and divided by the total token
     count once, so K micro-batches give the gradient of one batch holding all their rows. ``dropout`` > 0:
     LoRA dropout with keys drawn from ``rng`` (a different mask per micro-batch, `ov_jax.train.lora`).
-    Returns ``(loss, grads, tokens)``.
+    ``attention``: a resolved backend name. Returns ``(loss, grads, tokens)``.
     """
     frozen = jax.lax.stop_gradient(params)
 
@@ -68,7 +70,8 @@ def accumulated_grads(trainable: dict, params: dict, batches: Batch, *, config: 
         full = freezing.merge(frozen, sub)
         if dropout:
             full = lora.with_dropout(full, dropout, key)
-        return micro_batch_nll(full, batch, config=config, compute_dtype=compute_dtype, remat=remat)
+        return micro_batch_nll(full, batch, config=config, compute_dtype=compute_dtype, remat=remat,
+                               attention=attention)
 
     grad_fn = jax.value_and_grad(nll, has_aux=True)
     k = batches["input_ids"].shape[0]
@@ -88,9 +91,10 @@ def accumulated_grads(trainable: dict, params: dict, batches: Batch, *, config: 
 
 
 @functools.lru_cache(maxsize=8)
-def _jit_loss_and_grad(config: OneVisionConfig, compute_dtype: Any) -> Callable:
+def _jit_loss_and_grad(config: OneVisionConfig, compute_dtype: Any, attention: str) -> Callable:
     def fn(params, batch):
-        loss, grads, _ = accumulated_grads(params, params, batch, config=config, compute_dtype=compute_dtype)
+        loss, grads, _ = accumulated_grads(params, params, batch, config=config, compute_dtype=compute_dtype,
+                                           attention=attention)
         return loss, grads
 
     return jax.jit(fn)
@@ -101,11 +105,12 @@ def loss_and_grad(model, labels, **inputs) -> tuple[jax.Array, dict]:
     and its gradient w.r.t. every weight, as a tree shaped like ``model.params``.
 
     ``labels [B, T]`` follow transformers: ``-100`` is ignored and the shift happens inside. The loss is
-    float32; compute runs in ``model.dtype``. Errors: see `ov_jax.train.batch.make_batch`.
+    float32; compute runs in ``model.dtype`` with the model's attention backend (``model.attention``). Errors:
+    see `ov_jax.train.batch.make_batch`.
     """
     batch = make_batch(model.config, labels=labels, **inputs)
     stacked = {k: v[None] for k, v in batch.items()}
-    return _jit_loss_and_grad(model.config, model.dtype)(model.params, stacked)
+    return _jit_loss_and_grad(model.config, model.dtype, model.attention)(model.params, stacked)
 
 
 class TrainStep:
@@ -121,7 +126,7 @@ class TrainStep:
 
     def __init__(self, config: OneVisionConfig, optimizer: optax.GradientTransformation, *, mesh=None,
                  freeze=None, lora: LoraSpec | None = None, lora_dropout: float = 0.0, grad_accum: int = 1,
-                 compute_dtype: Any = jnp.bfloat16, remat: str | None = None,
+                 compute_dtype: Any = jnp.bfloat16, remat: str | None = None, attention: str = "auto",
                  log: Callable[[str], Any] | None = print):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
@@ -137,6 +142,8 @@ class TrainStep:
         self.freeze = freeze
         self.grad_accum = grad_accum
         self.compute_dtype = resolve_dtype(compute_dtype)
+        platform = jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform
+        self.attention = resolve_attention(attention, platform, self.compute_dtype)
         self.lora = lora
         self.lora_dropout = float(lora_dropout)
         self.remat = remat
@@ -190,7 +197,8 @@ class TrainStep:
         rng, dropout_rng = jax.random.split(state.rng)
         loss, grads, tokens = accumulated_grads(trainable, state.params, batches, config=self.config,
                                                 compute_dtype=self.compute_dtype, remat=self.remat,
-                                                dropout=self.lora_dropout, rng=dropout_rng)
+                                                dropout=self.lora_dropout, rng=dropout_rng,
+                                                attention=self.attention)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, trainable)
         params = freezing.merge(state.params, optax.apply_updates(trainable, updates))
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
@@ -222,7 +230,7 @@ class TrainStep:
 
 def make_train_step(config: OneVisionConfig, optimizer: optax.GradientTransformation, *, mesh=None, freeze=None,
                     lora: LoraSpec | None = None, lora_dropout: float = 0.0, grad_accum: int = 1,
-                    compute_dtype: Any = jnp.bfloat16, remat: str | None = None,
+                    compute_dtype: Any = jnp.bfloat16, remat: str | None = None, attention: str = "auto",
                     log: Callable[[str], Any] | None = print) -> TrainStep:
     """A :class:`TrainStep` for ``config``.
 
@@ -236,7 +244,12 @@ def make_train_step(config: OneVisionConfig, optimizer: optax.GradientTransforma
     step and micro-batch from the state's RNG); ``grad_accum``: micro-batches per step (token-weighted, equal
     to one batch of all their rows); ``compute_dtype``: activation / matmul dtype (params stay float32
     masters); ``remat``: a remat policy name for both layer scans (`ov_jax.modeling.layers.REMAT_POLICIES`;
-    None keeps every activation); ``log``: where the trainable-parameter table goes (None: nowhere).
+    None keeps every activation); ``attention``: the attention backend, a name as
+    ``LlavaOnevision.from_pretrained(attention=...)`` takes (``"auto"``, ``"xla"``, ``"cpu"``, ``"cudnn"``,
+    ``"splash"``; `ov_jax.nn.backends`), resolved for the mesh's platform and ``compute_dtype`` (the resolved
+    name is ``TrainStep.attention``; an unknown one, or one this platform / dtype cannot run, is an
+    `ov_jax.nn.backends.AttentionBackendError` naming it); ``log``: where the trainable-parameter table goes
+    (None: nowhere).
     """
     return TrainStep(config, optimizer, mesh=mesh, freeze=freeze, lora=lora, lora_dropout=lora_dropout,
-                     grad_accum=grad_accum, compute_dtype=compute_dtype, remat=remat, log=log)
+                     grad_accum=grad_accum, compute_dtype=compute_dtype, remat=remat, attention=attention, log=log)

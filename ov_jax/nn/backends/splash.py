@@ -7,7 +7,7 @@ the sequence is padded to a multiple of :data:`BLOCK` with segment-0 slots. Quer
 ``1/sqrt(hd)`` (the kernel does not scale). Grouped-query heads map onto the kernel's multi-head form
 (``num_q_heads`` a multiple of ``num_kv_heads``); rows run under ``vmap``. Under an active multi-device mesh
 the kernel runs per shard (:func:`~ov_jax.nn.attention.per_shard_self_attention`): rows over the batch axes,
-heads over ``tensor``.
+heads over ``tensor``. The backward blocks are given too, so the kernel is differentiable (training).
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, meta: AttentionMeta) -> ja
     shape = (padded, padded)
     mask = sa.MultiHeadMask([sa.CausalMask(shape) if meta.causal else sa.FullMask(shape) for _ in range(nh)])
     kernel = sa.make_splash_mha_single_device(
-        mask, block_sizes=sa.BlockSizes(block_q=BLOCK, block_kv=BLOCK, block_kv_compute=BLOCK),
+        mask, block_sizes=sa.BlockSizes(block_q=BLOCK, block_kv=BLOCK, block_kv_compute=BLOCK, block_q_dkv=BLOCK,
+                                        block_kv_dkv=BLOCK, block_kv_dkv_compute=BLOCK, block_q_dq=BLOCK,
+                                        block_kv_dq=BLOCK),
         interpret=jax.default_backend() != "tpu")
     qh = heads_major(q * jnp.asarray(1.0 / math.sqrt(hd), q.dtype))
     kh, vh = heads_major(k), heads_major(v)
