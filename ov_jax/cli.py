@@ -288,6 +288,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype (params stay float32; default float32)")
     parser.add_argument("--attention", help="attention backend: auto, xla, cpu, cudnn (GPU, bfloat16 / float16) or "
                                             "splash (TPU) (default auto: cpu on CPU, cudnn or xla on GPU, splash on TPU)")
+    parser.add_argument("--remat", help="activation checkpointing for both layer scans: none, full, dots_saveable "
+                                        "or dots_with_no_batch_dims_saveable (default none; full fits a float32 "
+                                        "0.5B full fine-tune in ~16 GB)")
     parser.add_argument("--seed", type=int, help="data order and RNG seed (default 0)")
     parser.add_argument("--save-every", type=int, help="checkpoint interval in steps (default 50)")
     parser.add_argument("--keep", type=int, help="checkpoints kept (default 3)")

@@ -60,10 +60,11 @@ def test_lora_finetune_then_export_loads_in_transformers(tiny_ckpt, folder, env)
     result = ov_jax("finetune", "--model", tiny_ckpt, "--data", "train.jsonl", "--output", "run", "--steps", 3,
                     "--batch-size", 3, "--learning-rate", 1e-2, "--max-length", 2048, "--num-frames", 2,
                     "--lora-rank", 4, "--lora-alpha", 8, "--lora-targets", r"text\.layers\.(q|v)", "--save-every", 2,
-                    "--attention", "xla", cwd=folder, env=env)
+                    "--attention", "xla", "--remat", "full", cwd=folder, env=env)
     assert result.returncode == 0, result.stderr
     assert "step 3, loss" in result.stdout
-    assert json.loads((folder / "run" / "run.json").read_text())["attention"] == "xla"
+    settings = json.loads((folder / "run" / "run.json").read_text())
+    assert settings["attention"] == "xla" and settings["remat"] == "full"
     records = runs.read_metrics(folder / "run")
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["samples"] == 3 for r in records)
     assert records[-1]["loss"] < records[0]["loss"]
@@ -115,6 +116,8 @@ def test_lora_finetune_then_export_loads_in_transformers(tiny_ckpt, folder, env)
      "attention must be one of auto, xla, cpu, cudnn, splash, got 'flash'"),
     (["--model", "{tiny}", "--data", "train.jsonl", "--output", "r", "--attention", "cudnn"],
      "attention='cudnn' needs an NVIDIA GPU"),
+    (["--model", "{tiny}", "--data", "train.jsonl", "--output", "r", "--remat", "most"],
+     "remat must be one of none, full, dots_saveable, dots_with_no_batch_dims_saveable, got 'most'"),
 ])
 def test_bad_finetune_arguments_are_one_error_line(tiny_ckpt, folder, env, args, message):
     (folder / "bad.jsonl").write_text((folder / "train.jsonl").read_text().splitlines()[2] + "\n{oops\n")

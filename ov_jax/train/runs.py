@@ -34,7 +34,7 @@ STEP_FIELDS = ("input_ids", "attention_mask", "position_ids", "labels", "tower_i
 # Settings a resumed run may change. save_every and keep do not alter the losses, attention only their rounding
 # (and "auto" resolves per platform anyway); a new ``steps`` does from the resumed step on, since the cosine decay
 # is recomputed to end at the new total.
-RESUMABLE = ("steps", "save_every", "keep", "attention")
+RESUMABLE = ("steps", "save_every", "keep", "attention", "remat")
 
 
 class RunError(ValueError):
@@ -56,7 +56,8 @@ class RunConfig:
     max_length: token budget per row (vision tokens included); num_frames: frames sampled per video;
     packing: several samples per row. mesh: device mesh spec (`ov_jax.sharding`); compute_dtype: activation
     dtype (params stay float32); attention: the attention backend (`ov_jax.train.make_train_step`; ``auto``,
-    ``xla``, ``cpu``, ``cudnn``, ``splash``); seed: data order and RNG. save_every / keep: checkpoint interval
+    ``xla``, ``cpu``, ``cudnn``, ``splash``); remat: activation checkpointing policy for both layer scans
+    (`ov_jax.modeling.layers.REMAT_POLICIES`: ``none``, ``full``, ``dots_saveable``, …); seed: data order and RNG. save_every / keep: checkpoint interval
     and count.
     """
 
@@ -81,6 +82,7 @@ class RunConfig:
     mesh: str | None = None
     compute_dtype: str = "float32"
     attention: str = "auto"
+    remat: str = "none"
     seed: int = 0
     save_every: int = 50
     keep: int = 3
@@ -118,6 +120,10 @@ class RunConfig:
 
         if self.attention not in CHOICES:
             raise RunError(f"attention must be one of {', '.join(CHOICES)}, got {self.attention!r}")
+        from ov_jax.modeling.layers import REMAT_POLICIES
+
+        if self.remat not in REMAT_POLICIES:
+            raise RunError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
@@ -295,7 +301,8 @@ def finetune(output: str | os.PathLike, config: RunConfig | None = None, *, resu
                                 config.lora_targets or "language_model", seed=config.seed)
     step_fn = make_train_step(model.config, transform, mesh=config.mesh, freeze=config.freeze, lora=lora,
                               lora_dropout=config.lora_dropout, grad_accum=config.grad_accum,
-                              compute_dtype=config.compute_dtype, attention=config.attention, log=log)
+                              compute_dtype=config.compute_dtype, attention=config.attention,
+                              remat=config.remat, log=log)
     state = step_fn.init(params, seed=config.seed)
     del params
     if config.mesh is None:  # committed like the step's outputs, so the second step does not compile again
