@@ -394,8 +394,8 @@ def prefill_stall(model, processor, buckets, cache_length: int, alone_chunks: in
 def ratio(row: dict, other: dict | None, key: str) -> str:
     if other is None:
         return ""
-    if other["kinds"] != row["kinds"]:
-        return "n/a (other mix)"
+    if other["kinds"] != row["kinds"] or other["requests"] != row["requests"]:
+        return "n/a (other mix)"  # the same requests only: a 3-request cycle is not the 16-request one
     return f"{row[key] / other[key]:.2f}x"
 
 
