@@ -288,3 +288,24 @@ def test_generate_raises_a_device_error_and_the_next_call_works(model, fail_next
     with pytest.raises(RuntimeError, match="injected _decode failure"):
         alone(model, ids, 10)
     np.testing.assert_array_equal(alone(model, ids, 10), want)
+
+
+def test_a_generate_batch_starts_decoding_whole(model, monkeypatch):
+    """The rows of one generate call are all prefilled before the first decode chunk (a partial batch would
+    decode a chunk per joining row), and the answers equal each row's alone."""
+    rng = np.random.default_rng(5)
+    config = model.config
+    ids = np.stack([text(rng, config, 12), text(rng, config, 12)])
+    alone = [model.generate(row[None], max_new_tokens=9, stop_token_ids=[])[0] for row in ids]
+    running_at_decode = []
+    decode = Scheduler._decode
+
+    def spy(self):
+        running_at_decode.append(self.running)
+        return decode(self)
+
+    monkeypatch.setattr(Scheduler, "_decode", spy)
+    together = model.generate(ids, max_new_tokens=9, stop_token_ids=[])
+    assert running_at_decode and running_at_decode[0] == 2
+    for got, want in zip(together, alone):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -396,7 +396,9 @@ class Engine:
         s = self.buckets.cache_bucket(longest.prompt_length, new_tokens, longest.length, longest.media_tokens)
         scheduler = self._generate_scheduler(s)
         media = MediaJob(rows[0].tower_inputs, self.feature_cache) if len(rows[0].tower_inputs) else None
-        requests = [Request(row, settings, seed=seed, row_index=i, media=media) for i, row in enumerate(rows)]
+        group = object()  # the call's rows start decoding together
+        requests = [Request(row, settings, seed=seed, row_index=i, media=media, group=group)
+                    for i, row in enumerate(rows)]
         for request in requests:
             scheduler.submit(request)
         put, end = as_sink(streamer)

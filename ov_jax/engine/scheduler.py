@@ -68,11 +68,16 @@ class MediaJob:
 
 class Request:
     """One row to generate. ``tokens`` grows as the scheduler emits them (the stop token included);
-    ``on_tokens(new_tokens, finished)`` is called on the scheduler's thread after each step boundary."""
+    ``on_tokens(new_tokens, finished)`` is called on the scheduler's thread after each step boundary.
+    ``group``: any object shared by the rows of one batched call (``generate``): while every running row's
+    group still has rows to prefill and a slot free for them, the scheduler prefills instead of decoding, so a
+    batch starts decoding whole rather than paying a partial-batch decode chunk per joining row."""
 
     def __init__(self, row: PaddedRequest, settings: Any, seed: int = 0, row_index: int = 0,
-                 media: MediaJob | None = None, on_tokens: Callable[[list[int], bool], None] | None = None):
+                 media: MediaJob | None = None, on_tokens: Callable[[list[int], bool], None] | None = None,
+                 group: Any = None):
         self.row = row
+        self.group = group
         self.settings = settings
         self.seed = int(seed) % 2**32
         self.row_index = int(row_index)
@@ -180,12 +185,20 @@ class Scheduler:
         try:
             self._drop_cancelled()
             self._admit()
-            if self._running:
+            if self._running and not self._group_joining():
                 self._decode()
         except Exception as error:  # noqa: BLE001  (any device or runtime error: fail the batch, not the loop)
             self._fail_batch(error)
         self._prefill_unit()
         return bool(self._running or self._ready or self._waiting)
+
+    def _group_joining(self) -> bool:
+        """Whether every running row belongs to a group with rows still to prefill while a slot is free."""
+        if not self._free_slots():
+            return False
+        with self._lock:
+            pending = {id(r.group) for r in (*self._waiting, *self._ready) if r.group is not None}
+        return all(r.group is not None and id(r.group) in pending for r in self._running.values())
 
     def _fail_batch(self, error: BaseException) -> None:
         log.error("a call on the running batch failed; failing its %d row(s): %r", len(self._running), error)
