@@ -5,7 +5,9 @@ advances it in :meth:`Scheduler.work` calls, each one unit of work:
 
 1. cancelled requests leave (a running row is evicted, its slot freed);
 2. prefilled rows take free slots (``insert``: their first token is chosen there);
-3. if rows are running, one decode chunk (``engine.decode_steps`` steps on device) runs for all of them;
+3. if rows are running, one decode chunk (``engine.decode_steps`` steps on device) runs for all of them —
+   unless every running row belongs to a batched call (``Request.group``) whose other rows are still being
+   prefilled into free slots: a ``generate`` batch starts decoding whole;
 4. one unit of prefill runs for the oldest waiting request: one vision-tower chunk (tiles or frames), or one
    text-prefill call of one row (the media rows + the whole prompt, or one ``Buckets.prefill_chunk``-slot chunk
    of a longer prompt bucket). A long video or a long text prompt therefore enters the batch a chunk at a time
