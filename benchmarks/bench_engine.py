@@ -121,21 +121,11 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def decode_rate(generate, batch: int, new: int, settle: int = 1) -> float:
-    """Tokens/s of decoding alone: best-of-N time of ``settle + new`` tokens minus best-of-N time of ``settle``.
-
-    ``settle`` > 1 for a continuous-batching engine, whose first rows decode while later rows are still being
-    prefilled: with ``settle`` past that phase (:func:`settle_tokens`) both runs share it, and the difference
-    is ``new`` steps of the whole batch."""
-    first = min(timed(lambda: generate(settle)) for _ in range(REPEATS))
-    full = min(timed(lambda: generate(settle + new)) for _ in range(REPEATS))
+def decode_rate(generate, batch: int, new: int) -> float:
+    """Tokens/s of decoding alone: best-of-N time of ``new + 1`` tokens minus best-of-N time of 1 token."""
+    first = min(timed(lambda: generate(1)) for _ in range(REPEATS))
+    full = min(timed(lambda: generate(new + 1)) for _ in range(REPEATS))
     return batch * new / (full - first)
-
-
-def settle_tokens(engine, batch: int) -> int:
-    """Tokens per row after which every row of a ``batch``-row ``engine.generate`` call has joined the decode
-    batch: rows are prefilled one per scheduler step, each after a decode chunk of ``engine.decode_steps``."""
-    return (batch - 1) * engine.decode_steps + 1
 
 
 # --- ov_jax ---------------------------------------------------------------------------------------------------
@@ -161,15 +151,14 @@ def jax_decoder(dtype: str):
     requests = {}
     for batch in (1, 8):
         requests[batch] = inputs(config, "decode", batch)
-        compiled = engine.warmup([engine.buckets.prompt_bucket(PROMPT_TEXT)], settle_tokens(engine, batch) + new,
-                                 media=False, progress=False)
+        compiled = engine.warmup([engine.buckets.prompt_bucket(PROMPT_TEXT)], new + 1, media=False, progress=False)
         info[f"compile_s_decode_b{batch}"] = sum(r.seconds for r in compiled)
 
     def measure(batch: int) -> dict:
         rates = {}
         for loop, streamer in (("stream", lambda tokens: None), ("device", None)):
             run = lambda n: engine.generate(**requests[batch], max_new_tokens=n, stop_token_ids=[], streamer=streamer)
-            rates[loop] = decode_rate(run, batch, new, settle_tokens(engine, batch))
+            rates[loop] = decode_rate(run, batch, new)
         return rates
 
     info["compile_s_total"] = sum(r.seconds for r in engine.compile_log)

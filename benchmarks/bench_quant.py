@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from bench_engine import (PROMPT_TEXT, bench_config, cpu_model, decode_rate, hf_model, inputs,  # noqa: E402
-                          measure_bandwidth, peak_rss_gb, settle_tokens)
+                          measure_bandwidth, peak_rss_gb)
 
 FORMATS = {  # name: (system, weight format, compute dtype)
     "ov_jax float32": ("ov_jax", "float32", "float32"),
@@ -104,10 +104,9 @@ def run_ov_jax(weights: str, compute: str) -> dict:
     out = {}
     for batch in (1, 8):
         req = inputs(config, "decode", batch)
-        settle = settle_tokens(engine, batch)
-        engine.warmup([engine.buckets.prompt_bucket(PROMPT_TEXT)], settle + NEW_TOKENS, media=False, progress=False)
+        engine.warmup([engine.buckets.prompt_bucket(PROMPT_TEXT)], NEW_TOKENS + 1, media=False, progress=False)
         run = lambda n: engine.generate(**req, max_new_tokens=n, stop_token_ids=[])
-        out[f"decode_tok_s_b{batch}"] = decode_rate(run, batch, NEW_TOKENS, settle)
+        out[f"decode_tok_s_b{batch}"] = decode_rate(run, batch, NEW_TOKENS)
     return out
 
 
