@@ -240,12 +240,10 @@ class Engine:
         return self._executable("prefill_chunk", (t, c), fn, args, donate=(1,))
 
     def _cache_spec(self, s: int) -> qwen2.KVCache:
-        tc, b = self.config.text, self.slots
+        shape = slots.cache_shape(self.config, self.slots, s, self.layout)
         if self.layout == "scanned":
-            shape = (tc.num_hidden_layers, b, s, tc.num_key_value_heads, tc.head_dim)
             return qwen2.KVCache(self._spec(shape, self.dtype, "cache"), self._spec(shape, self.dtype, "cache"))
-        layer = self._spec((b, tc.num_key_value_heads, s, tc.head_dim), self.dtype, "layer_cache")
-        layers = (layer,) * tc.num_hidden_layers
+        layers = (self._spec(shape, self.dtype, "layer_cache"),) * self.config.text.num_hidden_layers
         return qwen2.KVCache(layers, layers)
 
     def _settings_spec(self, b: int) -> RowSettings:

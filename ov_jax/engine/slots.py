@@ -59,14 +59,22 @@ def empty_state(batch: int, cache_length: int) -> DecodeState:
                        settings)
 
 
-def empty_cache(config: OneVisionConfig, batch: int, cache_length: int, dtype, layout: str) -> qwen2.KVCache:
-    """A zero KV cache of ``layout`` (see `ov_jax.engine.steps`), as host arrays."""
+def cache_shape(config: OneVisionConfig, batch: int, cache_length: int, layout: str) -> tuple[int, ...]:
+    """Shape of one key or value array of a ``layout`` KV cache (see `ov_jax.engine.steps`): the stacked
+    ``[L, B, S, nkv, hd]`` of ``"scanned"``, or one layer's heads-major ``[B, nkv, S, hd]`` otherwise."""
     tc = config.text
     if layout == "scanned":
-        shape = (tc.num_hidden_layers, batch, cache_length, tc.num_key_value_heads, tc.head_dim)
+        return (tc.num_hidden_layers, batch, cache_length, tc.num_key_value_heads, tc.head_dim)
+    return (batch, tc.num_key_value_heads, cache_length, tc.head_dim)
+
+
+def empty_cache(config: OneVisionConfig, batch: int, cache_length: int, dtype, layout: str) -> qwen2.KVCache:
+    """A zero KV cache of ``layout`` (:func:`cache_shape`), as host arrays."""
+    shape = cache_shape(config, batch, cache_length, layout)
+    if layout == "scanned":
         return qwen2.KVCache(np.zeros(shape, dtype), np.zeros(shape, dtype))
-    shape = (batch, tc.num_key_value_heads, cache_length, tc.head_dim)
-    return qwen2.KVCache(*(tuple(np.zeros(shape, dtype) for _ in range(tc.num_hidden_layers)) for _ in range(2)))
+    layers = config.text.num_hidden_layers
+    return qwen2.KVCache(*(tuple(np.zeros(shape, dtype) for _ in range(layers)) for _ in range(2)))
 
 
 def _emit(state: DecodeState, logits: jax.Array) -> DecodeState:
