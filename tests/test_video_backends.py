@@ -66,12 +66,14 @@ def test_decord_differs_on_odd_heights_which_is_why_it_is_not_used_there(tmp_pat
 
 
 INTERRUPTED_SCRIPT = textwrap.dedent("""
-    import sys, time
+    import faulthandler, signal, sys, time
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks if it hangs
     from ov_jax.processing import video
     try:
         print("decoding", flush=True)
         while True:  # decoding, then a pause with the decord worker idle: Ctrl-C lands in either
             video.load_video(sys.argv[1], backend=sys.argv[2])
+            print("decoded", flush=True)
             time.sleep(0.1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
@@ -97,9 +99,47 @@ def test_ctrl_c_while_decoding_prints_no_traceback(tmp_path, backend):
         assert process.stdout.readline() == "decoding\n"
         time.sleep(1.5)  # several decodes in, the worker (decord) busy
         os.killpg(process.pid, signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
+        try:
+            _, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGUSR1)  # faulthandler: every thread's Python stack to stderr
+            time.sleep(2)
+            process.kill()
+            stdout, stderr = process.communicate(timeout=30)
+            pytest.fail(f"still running 60 s after SIGINT ({stdout.count('decoded')} decodes done; a number that "
+                        f"kept growing means the interrupt was lost); its stderr and stacks:\n{stderr}")
     finally:
         if process.poll() is None:
             process.kill()
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert stderr.strip() == "interrupted", stderr
+
+
+LOST_INTERRUPT_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from ov_jax.processing import video
+
+    def ctrl_c_in_import_callback(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "cb" and "importlib" in frame.f_code.co_filename:
+            sys.settrace(None)
+            print("sent", flush=True)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    sys.settrace(ctrl_c_in_import_callback)
+    try:
+        video.load_video(sys.argv[1], backend="pyav")
+        print("decoded", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+""")
+
+
+def test_ctrl_c_during_the_pyav_import_is_not_lost(tmp_path):
+    """The first PyAV decode imports av; a SIGINT handled inside the import machinery's weakref callback (where
+    CPython prints "Exception ignored" and drops the KeyboardInterrupt) used to be lost, so the decode went on.
+    Here it lands there every time: the trace hook sends it when ``_get_module_lock``'s callback starts."""
+    path = write_video(tmp_path / "clip.mp4", 64, 80)
+    result = subprocess.run([sys.executable, "-c", LOST_INTERRUPT_SCRIPT, path], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+    assert result.stdout.splitlines() == ["sent", "interrupted"], (result.stdout, result.stderr)
+    assert "KeyboardInterrupt" not in result.stderr, result.stderr

@@ -23,6 +23,7 @@ import numbers
 import os
 import pickle
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -343,9 +344,33 @@ def _file_metadata(frames, total_frames, video_fps, indices, backend) -> VideoMe
 # PyAV
 
 
-def _open_with_pyav(path: str):
-    import av
+def _import_pyav():
+    """``import av``, with a Ctrl-C that arrives meanwhile held back until the import is done.
 
+    Importing PyAV (about 60 modules, on the first decode) runs Python code where CPython cannot raise: the
+    import machinery's weakref callbacks (``_get_module_lock``) and extension module initialization. A SIGINT
+    handled there is lost (printed as "Exception ignored ... KeyboardInterrupt", or dropped) and the decode
+    carries on as if no Ctrl-C had come. In the main thread the signal is recorded instead and raised again,
+    to whatever handler was installed, once the import is done.
+    """
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if "av" in sys.modules or not callable(previous):  # already imported, another thread, or no Python handler
+        import av
+
+        return av
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        import av
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)
+    return av
+
+
+def _open_with_pyav(path: str):
+    av = _import_pyav()
     try:
         container = av.open(path)
     except (av.error.FFmpegError, UnicodeDecodeError) as error:
@@ -384,8 +409,7 @@ def decord_matches_pyav(path: str) -> bool:
 
 def _decode_selected_with_pyav(path: str, indices: np.ndarray) -> tuple[list[np.ndarray], int]:
     """Decode from the start, keeping the frames at ``indices``; also returns how many frames were decoded."""
-    import av
-
+    av = _import_pyav()
     wanted = set(indices.tolist())
     last_wanted = int(indices.max())
     picked = {}
