@@ -69,6 +69,9 @@ INTERRUPTED_SCRIPT = textwrap.dedent("""
     import faulthandler, signal, sys, time
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks if it hangs
     from ov_jax.processing import video
+    handler, blocked = signal.getsignal(signal.SIGINT), signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    if handler is not signal.default_int_handler or blocked:  # inherited from the test process: Ctrl-C cannot work
+        sys.exit(f"SIGINT cannot reach this process: handler {handler!r}, blocked {blocked}")
     try:
         print("decoding", flush=True)
         while True:  # decoding, then a pause with the decord worker idle: Ctrl-C lands in either
@@ -96,7 +99,7 @@ def test_ctrl_c_while_decoding_prints_no_traceback(tmp_path, backend):
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO},
                                process_group=0)
     try:
-        assert process.stdout.readline() == "decoding\n"
+        assert process.stdout.readline() == "decoding\n", process.communicate(timeout=60)
         time.sleep(1.5)  # several decodes in, the worker (decord) busy
         os.killpg(process.pid, signal.SIGINT)
         try:
