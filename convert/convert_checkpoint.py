@@ -1,7 +1,7 @@
 """Convert a LLaVA-OneVision safetensors checkpoint (directory or hub id) into an ov_jax orbax directory.
 
     python -m convert.convert_checkpoint SRC DST [--dtype bfloat16] [--quantize int8|int4 [--group-size N]]
-        [--quantize-vision] [--overwrite]
+        [--int8-weights v,o|none] [--quantize-vision] [--overwrite]
 
 Thin wrapper around :func:`ov_jax.checkpoint.convert`; ``ov-jax convert`` reuses :func:`add_arguments` and
 :func:`run`.
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from ov_jax.config import INT4_INT8_WEIGHTS, LM_LINEARS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -23,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "group (default: float)")
     parser.add_argument("--group-size", type=int, default=128,
                         help="int4 group size: input features per scale; must divide every input size (default 128)")
+    parser.add_argument("--int8-weights", default=",".join(INT4_INT8_WEIGHTS), metavar="NAMES",
+                        help="int4 only: language-model linears stored int8 instead, comma-separated among "
+                             f"{','.join(LM_LINEARS)}, or 'none' for int4 everywhere "
+                             f"(default {','.join(INT4_INT8_WEIGHTS)}: the attention values, see README)")
     parser.add_argument("--quantize-vision", action="store_true",
                         help="also quantize the vision tower's linears and the projector")
     parser.add_argument("--overwrite", action="store_true",
@@ -36,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from ov_jax.config import QuantConfig
 
     try:
+        names = () if args.int8_weights == "none" else tuple(n.strip() for n in args.int8_weights.split(","))
         quantization = None if args.quantize is None else QuantConfig(args.quantize, args.group_size,
-                                                                      args.quantize_vision)
+                                                                      args.quantize_vision, names)
         report = convert(args.src, args.dst, args.dtype, overwrite=args.overwrite, progress=args.progress,
                          quantization=quantization)
     except (ValueError, OSError) as err:  # CheckpointError and ConfigError are ValueErrors

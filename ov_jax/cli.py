@@ -1,7 +1,7 @@
 """The ``ov-jax`` command: make a tiny checkpoint, convert, generate, cross-check against PyTorch, benchmark.
 
     ov-jax make-tiny OUT
-    ov-jax convert SRC DST [--dtype bfloat16] [--quantize int8|int4 [--group-size N]]
+    ov-jax convert SRC DST [--dtype bfloat16] [--quantize int8|int4 [--group-size N] [--int8-weights v,o|none]]
     ov-jax generate --model M [--image P ...] [--video P --num-frames N] (--prompt TEXT | --prompt-file PATH) [...]
     ov-jax compare --model M [--image P ...] [--video P] [--prompt TEXT] [--dtype D] [--tolerance X]
     ov-jax batch --model M --input requests.jsonl --output answers.jsonl [--mesh ...]

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ov_jax.config import OneVisionConfig
+from ov_jax.config import INT4_INT8_WEIGHTS, OneVisionConfig
 from ov_jax.generation import GenerationConfig
 from ov_jax.inputs import integers, model_inputs
 from ov_jax.modeling import llava, lm_head
@@ -114,7 +114,8 @@ class LlavaOnevision:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, dtype: Any = jnp.float32, mesh: Any = None,
                         verify: bool = True, quantization: str | None = None, group_size: int = 128,
-                        quantize_vision: bool = False, attention: str = "auto", **kwargs) -> "LlavaOnevision":
+                        quantize_vision: bool = False, int8_weights: Any = INT4_INT8_WEIGHTS, attention: str = "auto",
+                        **kwargs) -> "LlavaOnevision":
         """Load a transformers checkpoint directory, a converted orbax directory, or a hub id.
 
         ``mesh``: a ``jax.sharding.Mesh`` with axes data / fsdp / tensor, a string such as ``"data=2,tensor=4"``
@@ -124,7 +125,8 @@ class LlavaOnevision:
         ``generation_config`` (`ov_jax.generation.GenerationConfig.from_pretrained`).
         ``quantization``: ``"int8"`` (per output channel) or ``"int4"`` (per ``group_size`` input features)
         weight-only quantization of the language model's weights (and with ``quantize_vision`` the tower's and
-        the projector's), see `ov_jax.nn.quant`. A directory converted with ``--quantize`` loads straight into
+        the projector's), see `ov_jax.nn.quant`; ``int8_weights``: the language-model linears int4 mode keeps
+        at int8 (`ov_jax.config.QuantConfig`; ``()`` for int4 everywhere). A directory converted with ``--quantize`` loads straight into
         its quantized form (``quantization`` may be omitted, or must match); other sources are read in float
         and then quantized (peak memory: the float weights). ``ValueError`` for an unknown mode, a group size
         that does not divide a weight's input size, or a mismatch with a quantized directory. ``attention``: the
@@ -137,7 +139,8 @@ class LlavaOnevision:
 
         dtype = resolve_dtype(dtype)
         resolve_attention(attention, jax.default_backend(), dtype)
-        quant = None if quantization is None else QuantConfig(quantization, group_size, quantize_vision)
+        quant = (None if quantization is None
+                 else QuantConfig(quantization, group_size, quantize_vision, int8_weights))
         path = resolve_checkpoint(path_or_id)
         converted = _is_converted(path)
         config = load_config(path) if converted else loading.checkpoint_config(path)

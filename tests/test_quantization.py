@@ -33,20 +33,23 @@ def _spec_bytes(config, float_dtype=jnp.bfloat16) -> int:
                for s in jax.tree.leaves(specs, is_leaf=lambda x: hasattr(x, "axes")))
 
 
-@pytest.mark.parametrize("mode, group, ratio", [("int8", None, 1.9), ("int4", 128, 3.5)])
-def test_lm_weight_bytes_shrink_on_the_0_5b_architecture(mode, group, ratio):
-    """Embedding (tied head) included; scales stored in bfloat16 like the other float leaves."""
-    config = preset("0.5b")
-    quantized = config.replace(quantization=QuantConfig(mode, group))
-    measured = _spec_bytes(config) / _spec_bytes(quantized)
+@pytest.mark.parametrize("name", ["0.5b", "7b", "72b"])
+@pytest.mark.parametrize("quant, ratio", [(QuantConfig("int8"), 1.9), (QuantConfig("int4", 128), 3.5),
+                                          (QuantConfig("int4", 128, int8_weights=()), 3.7)])
+def test_lm_weight_bytes_shrink(name, quant, ratio):
+    """Embedding (tied head) included; scales stored in bfloat16 like the other float leaves. Measured on the
+    0.5B: int8 2.00x, int4 3.62x (3.76x with no int8 exceptions); the 72B's int4 3.51x."""
+    config = preset(name)
+    measured = _spec_bytes(config) / _spec_bytes(config.replace(quantization=quant))
     assert measured >= ratio, measured
 
 
 @pytest.mark.parametrize("mode, ratio", [("int8", 1.9), ("int4", 3.5)])
 def test_lm_weight_bytes_shrink_on_arrays(tiny_ckpt, mode, ratio):
-    """On arrays, group 64 (the tiny model's hidden size: one scale per 64 features, as 128 on the 0.5B's 896)."""
+    """On arrays, group 64 (the tiny model's hidden size: one scale per 64 features, as 128 on the 0.5B's 896),
+    int4 everywhere (the tiny model's attention values are a larger share than the 0.5B's)."""
     model = LlavaOnevision.from_pretrained(tiny_ckpt, dtype="bfloat16")
-    params, config = quantize_params(model.params, model.config, QuantConfig(mode, 64))
+    params, config = quantize_params(model.params, model.config, QuantConfig(mode, 64, int8_weights=()))
     assert weight_bytes(model.params["text"]) / weight_bytes(params["text"]) >= ratio
     assert weight_bytes(params["text"]) == _spec_bytes(config)
     assert params["text"]["embed"]["kernel"].dtype == (jnp.int8 if mode == "int8" else jnp.uint8)
@@ -78,7 +81,7 @@ def test_dequantized_weights_error_is_bounded(tiny_ckpt, mode):
     error at most that of plain min / max rounding (the clipping search only improves on it), and the total
     well below symmetric absmax / 7 rounding's."""
     model = LlavaOnevision.from_pretrained(tiny_ckpt)
-    params, _ = quantize_params(model.params, model.config, QuantConfig(mode, TINY_GROUP))
+    params, _ = quantize_params(model.params, model.config, QuantConfig(mode, TINY_GROUP, int8_weights=()))
     group = None if mode == "int8" else TINY_GROUP
     checked = [(model.params["text"]["embed"], params["text"]["embed"], None)]
     layer = lambda tree, n: jax.tree.map(lambda a: a[1], tree["text"]["layers"][n])  # the second layer
@@ -137,8 +140,9 @@ def agreement_table(config, params, prompts, modes, group):
     """Top-1 agreement and logit relative error against bfloat16 over the text positions of ``prompts``
     (``[(ids, mask, media)]``; media rows still steer them through attention), with the random head and
     with a :func:`agreement_helpers.fitted_head` fitted to the bfloat16 model's hidden states. ``modes``:
-    ``"int8"`` / ``"int4"`` (at ``group``) and ``"float32"`` (the same weights computed in float32: the
-    yardstick of bfloat16's own rounding).
+    ``"int8"`` / ``"int4"`` (at ``group``, the default int8 exceptions) / ``"int4 everywhere"`` (no int8
+    exceptions) and ``"float32"`` (the same weights computed in float32: the yardstick of bfloat16's own
+    rounding).
 
     ``config`` must be untied; ``params`` float, their ``lm_head`` the random head. Returns ``{"margin":
     {head: median top-1 gap}, mode: {head: (top1, relative error), "fitted per prompt": [top1, ...]}}``."""
@@ -158,7 +162,8 @@ def agreement_table(config, params, prompts, modes, group):
             model = LlavaOnevision(config, jax.tree.map(lambda x: x.astype(jnp.float32), float_params), "float32")
             head = lambda kernel: {"kernel": kernel.astype(jnp.float32)}
         else:
-            quant = QuantConfig(mode, group)
+            everywhere = {"int8_weights": ()} if mode == "int4 everywhere" else {}
+            quant = QuantConfig(mode.split()[0], group, **everywhere)
             qparams, qconfig = quantize_params(float_params, config, quant)
             model = LlavaOnevision(qconfig, qparams, "bfloat16")
             del qparams
@@ -184,22 +189,23 @@ def tiny_table(tiny_ckpt):
 @pytest.mark.parametrize("mode, bar", [("int8", 0.98), ("int4", 0.90)])
 def test_top1_agreement_with_bfloat16(tiny_table, mode, bar):
     """The issue's bars on the tiny model (image, video and text rows), held with the fitted head (a model
-    with a trained model's margins); the random head's near-tied logits are reported, not held."""
+    with a trained model's margins); the random head's near-tied logits are reported, not held. Measured:
+    int8 100% (logit relative error 0.047), int4 97.5% (0.39); random head 97.0% and 52.3%."""
     top1, rel = tiny_table[mode]["fitted"]
     assert top1 >= bar, tiny_table
-    assert rel < (0.05 if mode == "int8" else 0.4), tiny_table
+    assert rel < (0.06 if mode == "int8" else 0.5), tiny_table
     assert tiny_table["margin"]["fitted"] > 4 * tiny_table["margin"]["random"], tiny_table
 
 
 @pytest.mark.slow
 def test_top1_agreement_on_the_0_5b_architecture():
-    """Random 0.5B weights (tower included), one 384x384 image, a 2-frame video and a text prompt (24, 24 and
-    48 counted positions), each its own batch; int4 at group 128. Measured (fitted head): float32 100%,
-    int8 91.7% (per prompt 66.7 / 100 / 100%), int4 80.2% (58.3 / 62.5 / 100%); random head 95.8%, 89.6%,
-    7.3%. The issue's bars hold on the text prompt; after a media block they do not, likely (inferred, not measured) because random attention is
-    near-uniform, so every text position after 1,458 image placeholders sees almost the same average and
-    their hidden states are near-duplicates, which the fitted head separates by slivers. The whole set is
-    held to the measured levels."""
+    """Random 0.5B weights (tower included), one 384x384 image, a 2-frame video and a text prompt (48, 48 and
+    96 counted positions), each its own batch; int4 at group 128. Measured (fitted head; per prompt image /
+    video / text): float32 100%; int8 100%; int4 99.0% (97.9 / 97.9 / 100%); int4 everywhere (no int8
+    exceptions) 90.6% (79.2 / 83.3 / 100%). After a media block random attention is near-uniform, so the
+    text positions' hidden states are near-duplicates (pairwise cosine 0.993 after the image, 0.63 on the
+    text prompt), and at int4 the attention values' error shifts them together: the exceptions are for
+    that."""
     config = preset("0.5b")
     tied = random_params(config, seed=0, dtype=jnp.bfloat16)  # the reference's own weights (memory: 1.8 GB)
     config = config.replace(tie_word_embeddings=False, text=dataclasses.replace(config.text, tie_word_embeddings=False))
@@ -208,18 +214,19 @@ def test_top1_agreement_on_the_0_5b_architecture():
     rng = np.random.default_rng(5)
     img, vid = config.image_token_id, config.video_token_id
     text = lambda n: list(rng.integers(1000, 150000, n))
-    rows = [([img] * image_token_count(384, 384, config.image_grid_pinpoints) + text(24),
+    rows = [([img] * image_token_count(384, 384, config.image_grid_pinpoints) + text(48),
              dict(pixel_values=rng.standard_normal((1, 2, 3, 384, 384)).astype(np.float32),
                   image_sizes=np.array([[384, 384]]))),
-            ([vid] * video_token_count(2) + text(24),
+            ([vid] * video_token_count(2) + text(48),
              dict(pixel_values_videos=rng.standard_normal((1, 2, 3, 384, 384)).astype(np.float32))),
-            (text(48), {})]
+            (text(96), {})]
     prompts = [(np.array([row]), np.ones((1, len(row)), np.int32), media) for row, media in rows]
-    table = agreement_table(config, params, prompts, ("float32", "int8", "int4"), QuantConfig("int4").group_size)
+    table = agreement_table(config, params, prompts, ("float32", "int8", "int4", "int4 everywhere"),
+                            QuantConfig("int4").group_size)
     print(f"0.5B architecture: {table}")
     assert table["float32"]["fitted"][0] >= 0.99, table
-    assert table["int8"]["fitted per prompt"][2] >= 0.98 and table["int4"]["fitted per prompt"][2] >= 0.90, table
-    assert table["int8"]["fitted"][0] >= 0.9 and table["int4"]["fitted"][0] >= 0.75, table
+    assert min(table["int8"]["fitted per prompt"]) >= 0.98 and min(table["int4"]["fitted per prompt"]) >= 0.90, table
+    assert table["int4"]["fitted"][0] > table["int4 everywhere"]["fitted"][0] + 0.04, table
 
 
 # --- storage ---------------------------------------------------------------------------------------------
@@ -257,6 +264,28 @@ def test_convert_quantize_writes_what_from_pretrained_quantizes(tiny_ckpt_tied, 
     assert not (tmp_path / "export").exists()
 
 
+def test_int4_keeps_the_attention_values_at_int8(tiny_ckpt, tmp_path):
+    """int4's default int8 exceptions (v and o: per-channel int8, no zero point), int4 everywhere with
+    ``int8_weights=()``, the choice stored in a converted directory, and an older directory's config (written
+    before the field existed) read as int4 everywhere."""
+    from ov_jax.config import LM_LINEARS, OneVisionConfig
+
+    layers = LlavaOnevision.from_pretrained(tiny_ckpt, quantization="int4", group_size=TINY_GROUP).params["text"]["layers"]
+    assert {n: layers[n]["kernel"].dtype for n in LM_LINEARS} == {
+        n: jnp.int8 if n in ("v", "o") else jnp.uint8 for n in LM_LINEARS}
+    assert "kernel_zero" not in layers["o"] and layers["o"]["kernel_scale"].shape[1] == 1
+    pure = LlavaOnevision.from_pretrained(tiny_ckpt, quantization="int4", group_size=TINY_GROUP, int8_weights=())
+    assert all(pure.params["text"]["layers"][n]["kernel"].dtype == jnp.uint8 for n in LM_LINEARS)
+    assert pure.config.quantization.int8_weights == ()
+    save_orbax(pure.params, pure.config, tmp_path / "pure", files_from=tiny_ckpt)
+    config, params = load_orbax(tmp_path / "pure")
+    assert config.quantization == pure.config.quantization
+    assert_trees_equal(params, pure.params)
+    old = pure.config.to_dict()
+    del old["quantization"]["int8_weights"]
+    assert OneVisionConfig.from_dict(old).quantization == QuantConfig("int4", TINY_GROUP, int8_weights=())
+
+
 def test_bad_group_size_and_mode_are_clear_errors(tiny_ckpt, tmp_path):
     with pytest.raises(ValueError, match="group_size 48 does not divide the input size 64 of text.layers.q"):
         LlavaOnevision.from_pretrained(tiny_ckpt, quantization="int4", group_size=48)
@@ -264,6 +293,14 @@ def test_bad_group_size_and_mode_are_clear_errors(tiny_ckpt, tmp_path):
         QuantConfig("int4", 7)
     with pytest.raises(ValueError, match="quantization must be one of"):
         LlavaOnevision.from_pretrained(tiny_ckpt, quantization="int3")
+    for names in (("v", "lm_head"), "v", None):
+        with pytest.raises(ValueError, match="int8_weights must be names among"):
+            LlavaOnevision.from_pretrained(tiny_ckpt, quantization="int4", int8_weights=names)
+    result = subprocess.run([sys.executable, "-m", "ov_jax.cli", "convert", str(tiny_ckpt), str(tmp_path / "y"),
+                             "--quantize", "int4", "--int8-weights", "v,x", "--no-progress"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: int8_weights must be names among")
+    assert not (tmp_path / "y").exists()
     result = subprocess.run([sys.executable, "-m", "ov_jax.cli", "convert", str(tiny_ckpt), str(tmp_path / "x"),
                              "--quantize", "int4", "--group-size", "48", "--no-progress"],
                             capture_output=True, text=True)
@@ -284,6 +321,9 @@ def test_engine_serving_copies_stay_quantized_and_match_the_forward(tiny_ckpt_ti
     engine = Engine(model.config, model.params, model.dtype, Buckets(batch=(2,), prompt=(32,), cache=(64,)))
     kind = jnp.int8 if mode == "int8" else jnp.uint8
     assert engine._layers[0]["gate_up"]["weight"]["kernel"].dtype == kind
+    qkv = engine._layers[0]["qkv"]["weight"]  # int4: q and k fused, the int8 v beside them
+    assert ([m["kernel"].dtype for m in qkv] == [jnp.uint8, jnp.int8] if mode == "int4"
+            else qkv["kernel"].dtype == jnp.int8)
     assert engine._decode_params["text"]["lm_head_t"]["kernel"].dtype == kind  # the tied embedding itself
     tokens = engine.generate(ids, max_new_tokens=6, stop_token_ids=[])
     # teacher-forced: the forward over prompt + generated tokens predicts each generated token greedily

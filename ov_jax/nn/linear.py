@@ -218,10 +218,12 @@ def matmul_rows(x: jax.Array, table: Weight, *, dtype=None, preferred_element_ty
                                preferred_element_type=preferred_element_type)
 
 
-def matmul(matrix: Weight, x: jax.Array, out_dtype=None) -> jax.Array:
+def matmul(matrix: Weight | tuple[Weight, ...], x: jax.Array, out_dtype=None) -> jax.Array:
     """``matrix [M, N] @ x [N, B]`` → ``[M, B]`` in ``x``'s dtype (accumulated in ``out_dtype`` when given) for
-    a :func:`serving_matrix`; the matrix is the left operand (XLA:CPU streams ``[out, in]`` weights fastest
-    that way)."""
+    a :func:`serving_matrix`, or a tuple of them stacked along the output rows (:func:`concat_matrices`); the
+    matrix is the left operand (XLA:CPU streams ``[out, in]`` weights fastest that way)."""
+    if isinstance(matrix, tuple):
+        return jnp.concatenate([matmul(part, x, out_dtype) for part in matrix], axis=0)
     if _per_channel(matrix, -1):
         y = jnp.dot(matrix["kernel"].astype(x.dtype), x, preferred_element_type=out_dtype)
         return y * matrix["kernel_scale"].astype(y.dtype)
@@ -249,8 +251,22 @@ def serving_matrix(p: Weight, n_in: int = 1) -> Weight:
     return kernel.reshape(math.prod(kernel.shape[:n_in]), -1).T
 
 
-def concat_matrices(matrices: list[Weight]) -> Weight:
-    """Serving matrices stacked along their output rows (fused q/k/v, gate/up); all of one form."""
-    if isinstance(matrices[0], dict):
-        return {k: jnp.concatenate([m[k] for m in matrices], axis=0) for k in matrices[0]}
-    return jnp.concatenate(matrices, axis=0)
+def _form(matrix: Weight) -> Any:
+    """What decides whether serving matrices can be stacked: their keys, dtypes and group counts."""
+    if not isinstance(matrix, dict):
+        return matrix.dtype, matrix.shape[1:]
+    return tuple((k, v.dtype, v.shape[1:]) for k, v in sorted(matrix.items()))
+
+
+def concat_matrices(matrices: list[Weight]) -> Weight | tuple[Weight, ...]:
+    """Serving matrices stacked along their output rows (fused q/k/v, gate/up) for :func:`matmul`: one matrix
+    when all share a form, else a tuple of runs of consecutive matrices that do (e.g. int4 q/k with the int8
+    v of `ov_jax.config.QuantConfig.int8_weights`)."""
+    runs: list[list[Weight]] = []
+    for matrix in matrices:
+        if runs and _form(runs[-1][-1]) == _form(matrix):
+            runs[-1].append(matrix)
+        else:
+            runs.append([matrix])
+    stacked = [jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=0), *run) for run in runs]
+    return stacked[0] if len(stacked) == 1 else tuple(stacked)

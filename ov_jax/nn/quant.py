@@ -5,7 +5,8 @@ A quantized weight dict holds integer ``kernel`` values, a float ``kernel_scale`
 `ov_jax.nn.linear` dequantizes inside each product. The choice of
 weights is :func:`targets`: every linear of the language model, its embedding and (untied) lm_head, and with
 ``QuantConfig.vision`` the vision tower's linears and the projector. Norms, biases, position embeddings and
-the patch embedding stay float.
+the patch embedding stay float. In int4 mode the linears named by ``QuantConfig.int8_weights`` (by default
+the attention value and output projections) are int8 (:func:`weight_quant`).
 
 int8: ``scale = absmax / 127`` over each output channel, values ``round(w / scale)`` in [-127, 127], weight
 ``values · scale``. int4, over each group of ``group_size`` consecutive input features of an output channel:
@@ -40,6 +41,14 @@ INT8_MAX = 127
 def targets(quant: QuantConfig) -> str:
     """The regular expression (``re.fullmatch`` on dotted paths) of the kernels ``quant`` quantizes."""
     return LM_TARGETS + (f"|{VISION_TARGETS}" if quant.vision else "")
+
+
+def weight_quant(quant: QuantConfig, path: str) -> QuantConfig:
+    """The form of the weight at dotted ``path`` (a kernel's weight dict or a table): int8 for the int4 mode's
+    :attr:`~ov_jax.config.QuantConfig.int8_weights`, else ``quant`` itself."""
+    if quant.int8_weights and re.fullmatch(rf"text\.layers\.({'|'.join(quant.int8_weights)})", path):
+        return QuantConfig("int8", vision=quant.vision)
+    return quant
 
 
 def _groups(quant: QuantConfig, n: int, where: str) -> int:
@@ -82,7 +91,7 @@ def quantized_specs(specs: dict[str, Any], quant: QuantConfig) -> dict[str, Any]
     out = jax.tree.map(lambda s: s, specs, is_leaf=is_spec)
     for path in [p for p in weight_paths(specs) if re.fullmatch(targets(quant), p)]:
         node = _node(out, path)
-        node.update(_kernel_specs(node["kernel"], quant, path))
+        node.update(_kernel_specs(node["kernel"], weight_quant(quant, path), path))
     for path in TABLES:
         *parent, key = path.split(".")
         node = _node(out, ".".join(parent))
@@ -194,6 +203,7 @@ def quantize_leaf(path: str, leaf: Any, spec: ParamSpec, quant: QuantConfig) -> 
     weight, _, key = path.rpartition(".")
     if key != "kernel" or not re.fullmatch(targets(quant), weight):
         return leaf
+    quant = weight_quant(quant, weight)
     lead = 1 if spec.axes[0] == "layers" else 0
     n = math.prod(spec.shape[lead:lead + spec.n_in])
     return quantize_kernel(jnp.asarray(leaf), n_in=spec.n_in, lead=lead, mode=quant.mode,
