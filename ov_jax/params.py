@@ -169,11 +169,12 @@ def param_specs(config: OneVisionConfig, lora: LoraSpec | None = None) -> dict[s
         "image_newline": ParamSpec((t.hidden_size,), ("embed",)),
         "text": text,
     }
+    stored = specs
     if config.quantization is not None:
         from ov_jax.nn.quant import quantized_specs
 
-        specs = quantized_specs(specs, config.quantization)
-    return specs if lora is None else _with_lora(specs, lora)
+        stored = quantized_specs(specs, config.quantization)
+    return stored if lora is None else _with_lora(stored, lora, specs)
 
 
 def weight_paths(specs: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
@@ -211,13 +212,15 @@ def _adapter_specs(kernel: ParamSpec, rank: int) -> dict[str, ParamSpec]:
     }
 
 
-def _with_lora(specs: dict[str, Any], lora: LoraSpec) -> dict[str, Any]:
+def _with_lora(specs: dict[str, Any], lora: LoraSpec, float_specs: dict[str, Any]) -> dict[str, Any]:
+    """``specs`` with adapters on the weights ``lora`` selects, shaped as the weights' float form in
+    ``float_specs`` (an int4 kernel packs two values per byte: its stored shape is not the weight's)."""
     out = jax.tree.map(lambda s: s, specs, is_leaf=is_spec)  # a copy of the dict structure
     for path in lora_targets(specs, lora):
-        node = out
+        node, weight = out, float_specs
         for key in path.split("."):
-            node = node[key]
-        node.update(_adapter_specs(node["kernel"], lora.rank))
+            node, weight = node[key], weight[key]
+        node.update(_adapter_specs(weight["kernel"] if isinstance(weight, dict) else weight, lora.rank))
     return out
 
 

@@ -331,6 +331,35 @@ def test_engine_serving_copies_stay_quantized_and_match_the_forward(tiny_ckpt_ti
     np.testing.assert_array_equal(np.asarray(logits.argmax(-1)), tokens)
 
 
+def test_lora_on_int4_weights_takes_the_float_weights_shapes(tiny_ckpt_tied):
+    """int4 kernels and tables pack two values per byte; their adapters are shaped as the float weights' (as
+    on the unquantized model), and the engine's serving copies (adapter folded into the dequantized weight)
+    give the forward's (adapter applied beside the weight) greedy tokens."""
+    from ov_jax.engine import Buckets, Engine
+    from ov_jax.nn.lora import LM_LINEARS, add_lora
+
+    model = LlavaOnevision.from_pretrained(tiny_ckpt_tied, quantization="int4", group_size=TINY_GROUP)
+    params, spec = add_lora(model.params, model.config, rank=4, alpha=8, targets=rf"text\.embed|{LM_LINEARS}")
+    float_model = LlavaOnevision.from_pretrained(tiny_ckpt_tied)
+    float_layers = add_lora(float_model.params, float_model.config, rank=4, alpha=8)[0]["text"]["layers"]
+    shapes = lambda layers: {n: (layers[n]["lora_a"].shape, layers[n]["lora_b"].shape) for n in layers if n[-4:] != "norm"}
+    assert shapes(params["text"]["layers"]) == shapes(float_layers)
+    text = model.config.text
+    assert params["text"]["embed"]["lora_a"].shape == (text.vocab_size, 4)
+    assert params["text"]["embed"]["lora_b"].shape == (4, text.hidden_size)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(  # adapters as after training: lora_b non-zero
+        lambda p, x: x + 0.05 * rng.standard_normal(x.shape) if "lora_b" in jax.tree_util.keystr(p) else x, params)
+    adapted = LlavaOnevision(model.config, params, model.dtype, lora=spec)
+    ids = rng.integers(30, 300, (2, 20))
+    assert np.abs(np.asarray(adapted(ids).logits) - np.asarray(model(ids).logits)).max() > 0.1
+    engine = Engine(model.config, params, model.dtype, Buckets(batch=(2,), prompt=(32,), cache=(64,)),
+                    layout="unrolled")
+    tokens = engine.generate(ids, max_new_tokens=6, stop_token_ids=[])
+    logits = adapted(np.concatenate([ids, tokens[:, :-1]], axis=1)).logits[:, ids.shape[1] - 1:]
+    np.testing.assert_array_equal(np.asarray(logits.argmax(-1)), tokens)
+
+
 @pytest.mark.parametrize("mode, layout", [("int4", "unrolled"),
                                           pytest.param("int8", "scanned", marks=pytest.mark.slow)])
 def test_sharded_quantized_generation_equals_unsharded(tiny_ckpt, mode, layout):

@@ -31,7 +31,7 @@ from ov_jax.modeling import llava, qwen2
 from ov_jax.modeling.layers import apply_rope, rms_norm, rope_tables
 from ov_jax.nn.attention import AttentionMeta
 from ov_jax.nn.attention import attention as attend
-from ov_jax.nn.linear import concat_matrices, has_lora, matmul, merge_leaf, serving_matrix
+from ov_jax.nn.linear import concat_matrices, has_lora, matmul, serving_matrix, serving_table
 
 LAYOUTS = ("unrolled", "scanned")
 
@@ -71,7 +71,7 @@ def serving_lm_head(text: dict) -> Any:
     else the lm_head kernel transposed; quantized weights stay quantized."""
     if "lm_head" in text:
         return jax.jit(serving_matrix)(text["lm_head"])
-    return jax.jit(merge_leaf)(text["embed"]) if has_lora(text["embed"]) else text["embed"]
+    return jax.jit(serving_table)(text["embed"]) if has_lora(text["embed"]) else text["embed"]
 
 
 # --- media -------------------------------------------------------------------------------------------------

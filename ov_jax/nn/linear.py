@@ -251,6 +251,15 @@ def serving_matrix(p: Weight, n_in: int = 1) -> Weight:
     return kernel.reshape(math.prod(kernel.shape[:n_in]), -1).T
 
 
+def serving_table(p: Weight) -> Weight:
+    """A ``[V, H]`` table (the tied embedding as the output matrix) for :func:`matmul`: itself, or with adapters
+    a float32 matrix with the LoRA delta folded in (dequantized first when quantized)."""
+    if not has_lora(p):
+        return p
+    table = table_of(p, jnp.float32)
+    return table + _lora_delta(p, table.shape)
+
+
 def _form(matrix: Weight) -> Any:
     """What decides whether serving matrices can be stacked: their keys, dtypes and group counts."""
     if not isinstance(matrix, dict):
