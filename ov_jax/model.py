@@ -114,7 +114,7 @@ class LlavaOnevision:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, dtype: Any = jnp.float32, mesh: Any = None,
                         verify: bool = True, quantization: str | None = None, group_size: int = 128,
-                        quantize_vision: bool = False, int8_weights: Any = INT4_INT8_WEIGHTS, attention: str = "auto",
+                        quantize_vision: bool = False, int8_weights: Any = None, attention: str = "auto",
                         **kwargs) -> "LlavaOnevision":
         """Load a transformers checkpoint directory, a converted orbax directory, or a hub id.
 
@@ -126,7 +126,8 @@ class LlavaOnevision:
         ``quantization``: ``"int8"`` (per output channel) or ``"int4"`` (per ``group_size`` input features)
         weight-only quantization of the language model's weights (and with ``quantize_vision`` the tower's and
         the projector's), see `ov_jax.nn.quant`; ``int8_weights``: the language-model linears int4 mode keeps
-        at int8 (`ov_jax.config.QuantConfig`; ``()`` for int4 everywhere). A directory converted with ``--quantize`` loads straight into
+        at int8 (`ov_jax.config.QuantConfig`; ``()`` for int4 everywhere; ``None``: a quantized directory's,
+        else :data:`~ov_jax.config.INT4_INT8_WEIGHTS`). A directory converted with ``--quantize`` loads straight into
         its quantized form (``quantization`` may be omitted, or must match); other sources are read in float
         and then quantized (peak memory: the float weights). ``ValueError`` for an unknown mode, a group size
         that does not divide a weight's input size, or a mismatch with a quantized directory. ``attention``: the
@@ -139,12 +140,14 @@ class LlavaOnevision:
 
         dtype = resolve_dtype(dtype)
         resolve_attention(attention, jax.default_backend(), dtype)
-        quant = (None if quantization is None
-                 else QuantConfig(quantization, group_size, quantize_vision, int8_weights))
+        quant = (None if quantization is None else QuantConfig(
+            quantization, group_size, quantize_vision, INT4_INT8_WEIGHTS if int8_weights is None else int8_weights))
         path = resolve_checkpoint(path_or_id)
         converted = _is_converted(path)
         config = load_config(path) if converted else loading.checkpoint_config(path)
         if config.quantization is not None:
+            if quant is not None and int8_weights is None:  # left out: as stored
+                quant = dataclasses.replace(quant, int8_weights=config.quantization.int8_weights)
             if quant is not None and quant != config.quantization:
                 raise ValueError(f"{path} holds weights quantized as {config.quantization}; asked for {quant}")
             quant = None  # already in that form

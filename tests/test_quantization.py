@@ -281,6 +281,12 @@ def test_int4_keeps_the_attention_values_at_int8(tiny_ckpt, tmp_path):
     config, params = load_orbax(tmp_path / "pure")
     assert config.quantization == pure.config.quantization
     assert_trees_equal(params, pure.params)
+    # int8_weights left out loads the directory as stored; given, it must match
+    again = LlavaOnevision.from_pretrained(tmp_path / "pure", quantization="int4", group_size=TINY_GROUP)
+    assert again.config.quantization == pure.config.quantization
+    with pytest.raises(ValueError, match=r"quantized as .*int8_weights=\(\)\); asked for .*\('v', 'o'\)"):
+        LlavaOnevision.from_pretrained(tmp_path / "pure", quantization="int4", group_size=TINY_GROUP,
+                                       int8_weights=("o", "v"))
     old = pure.config.to_dict()
     del old["quantization"]["int8_weights"]
     assert OneVisionConfig.from_dict(old).quantization == QuantConfig("int4", TINY_GROUP, int8_weights=())
@@ -293,7 +299,7 @@ def test_bad_group_size_and_mode_are_clear_errors(tiny_ckpt, tmp_path):
         QuantConfig("int4", 7)
     with pytest.raises(ValueError, match="quantization must be one of"):
         LlavaOnevision.from_pretrained(tiny_ckpt, quantization="int3")
-    for names in (("v", "lm_head"), "v", None):
+    for names in (("v", "lm_head"), "v", "none"):
         with pytest.raises(ValueError, match="int8_weights must be names among"):
             LlavaOnevision.from_pretrained(tiny_ckpt, quantization="int4", int8_weights=names)
     result = subprocess.run([sys.executable, "-m", "ov_jax.cli", "convert", str(tiny_ckpt), str(tmp_path / "y"),
