@@ -23,9 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
                         help="store the language model's weights quantized: int8 per output channel, int4 per "
                              "group (default: float)")
-    parser.add_argument("--group-size", type=int, default=128,
+    parser.add_argument("--group-size", type=int, default=None,
                         help="int4 group size: input features per scale; must divide every input size (default 128)")
-    parser.add_argument("--int8-weights", default=",".join(INT4_INT8_WEIGHTS), metavar="NAMES",
+    parser.add_argument("--int8-weights", default=None, metavar="NAMES",
                         help="int4 only: language-model linears stored int8 instead, comma-separated among "
                              f"{','.join(LM_LINEARS)}, or 'none' for int4 everywhere "
                              f"(default {','.join(INT4_INT8_WEIGHTS)}: the attention values, see README)")
@@ -42,9 +42,14 @@ def run(args: argparse.Namespace) -> int:
     from ov_jax.config import QuantConfig
 
     try:
-        names = () if args.int8_weights == "none" else tuple(n.strip() for n in args.int8_weights.split(","))
-        quantization = None if args.quantize is None else QuantConfig(args.quantize, args.group_size,
-                                                                      args.quantize_vision, names)
+        given = [flag for flag, value in (("--group-size", args.group_size), ("--int8-weights", args.int8_weights),
+                                          ("--quantize-vision", args.quantize_vision or None)) if value is not None]
+        if args.quantize is None and given:
+            raise ValueError(f"{' and '.join(given)} apply only with --quantize int8|int4")
+        names = ",".join(INT4_INT8_WEIGHTS) if args.int8_weights is None else args.int8_weights
+        names = () if names == "none" else tuple(n.strip() for n in names.split(","))
+        quantization = None if args.quantize is None else QuantConfig(
+            args.quantize, 128 if args.group_size is None else args.group_size, args.quantize_vision, names)
         report = convert(args.src, args.dst, args.dtype, overwrite=args.overwrite, progress=args.progress,
                          quantization=quantization)
     except (ValueError, OSError) as err:  # CheckpointError and ConfigError are ValueErrors

@@ -307,6 +307,12 @@ def test_bad_group_size_and_mode_are_clear_errors(tiny_ckpt, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("error: int8_weights must be names among")
     assert not (tmp_path / "y").exists()
+    result = subprocess.run([sys.executable, "-m", "ov_jax.cli", "convert", str(tiny_ckpt), str(tmp_path / "z"),
+                             "--int8-weights", "none", "--quantize-vision", "--no-progress"],
+                            capture_output=True, text=True)  # quantization's options without --quantize
+    assert result.returncode == 2 and result.stderr == (
+        "error: --int8-weights and --quantize-vision apply only with --quantize int8|int4\n")
+    assert not (tmp_path / "z").exists()
     result = subprocess.run([sys.executable, "-m", "ov_jax.cli", "convert", str(tiny_ckpt), str(tmp_path / "x"),
                              "--quantize", "int4", "--group-size", "48", "--no-progress"],
                             capture_output=True, text=True)
