@@ -91,8 +91,9 @@ class QuantConfig:
     divides every quantized weight's input size. ``vision``: also quantize the vision tower's linears and the
     projector (the language model's linears, embedding and lm_head always are). ``int8_weights``: in int4
     mode, the language-model linears (names of :data:`LM_LINEARS`) stored int8 instead, as llama.cpp's
-    ``Q4_K_M`` keeps its attention values at higher precision (default :data:`INT4_INT8_WEIGHTS`; ``()`` for
-    int4 everywhere); ignored for int8 (stored as ``()``).
+    ``Q4_K_M`` keeps its attention values at higher precision (a tuple, list or set; default
+    :data:`INT4_INT8_WEIGHTS`; ``()`` for int4 everywhere); ignored for int8 (stored as ``()``). ``ValueError``
+    for anything else.
     """
 
     mode: str
@@ -103,10 +104,16 @@ class QuantConfig:
     def __post_init__(self):
         if self.mode not in QUANT_MODES:
             raise ValueError(f"quantization must be one of {QUANT_MODES}, got {self.mode!r}")
+        if self.vision not in (True, False):
+            raise ValueError(f"quantization's vision must be True or False, got {self.vision!r}")
+        object.__setattr__(self, "vision", bool(self.vision))
         names = self.int8_weights
-        if (not isinstance(names, (tuple, list)) or not all(isinstance(n, str) for n in names)
+        if not isinstance(names, (str, bytes)) and hasattr(names, "__iter__"):
+            names = tuple(names)  # a list, set or generator of names
+        if (not isinstance(names, tuple) or not all(isinstance(n, str) for n in names)
                 or set(names) - set(LM_LINEARS)):
-            raise ValueError(f"int8_weights must be names among {LM_LINEARS}, got {names!r}")
+            raise ValueError(f"int8_weights must be names among {LM_LINEARS} (a tuple, list or set; () for none), "
+                             f"got {names!r}")
         object.__setattr__(self, "int8_weights", tuple(n for n in LM_LINEARS if n in names))
         if self.mode == "int8":
             object.__setattr__(self, "group_size", None)

@@ -297,6 +297,12 @@ def test_bad_group_size_and_mode_are_clear_errors(tiny_ckpt, tmp_path):
         LlavaOnevision.from_pretrained(tiny_ckpt, quantization="int4", group_size=48)
     with pytest.raises(ValueError, match="positive even integer"):
         QuantConfig("int4", 7)
+    # int8_weights: any collection of names, kept in LM_LINEARS order (the config is compared and hashed)
+    for names in ({"o", "v"}, ["o", "v", "v"], (n for n in "ov")):
+        quant = QuantConfig("int4", int8_weights=names)
+        assert quant == QuantConfig("int4") and hash(quant) == hash(QuantConfig("int4"))
+    with pytest.raises(ValueError, match="vision must be True or False, got 'no'"):
+        QuantConfig("int4", vision="no")  # a non-empty string would have quantized the tower
     with pytest.raises(ValueError, match="quantization must be one of"):
         LlavaOnevision.from_pretrained(tiny_ckpt, quantization="int3")
     for names in (("v", "lm_head"), "v", "none"):
