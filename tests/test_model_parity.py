@@ -238,7 +238,7 @@ def test_bfloat16_top1_agreement_on_a_confident_model(tiny_ckpt):
     confident; so here the tiny model's lm_head is trained (`agreement_helpers.trained_head`: cross-entropy,
     adam) to its own float32 top-1 tokens on the mixed image / multi-image / video / text batch until the
     margins are wide, and bf16 must then agree with float32 on >= 99% of all valid positions (measured
-    99.7%; the closed-form `fitted_head` reaches 96.7% here: these labels are shared by hundreds of image
+    99.7%; the closed-form least-squares `fitted_head` reaches 96.6% here: these labels are shared by hundreds of image
     positions each). Not a weak bar: scores cast to bf16 before the softmax drop it to 52%.
     """
     from agreement_helpers import trained_head
