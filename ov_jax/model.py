@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ov_jax.config import INT4_INT8_WEIGHTS, OneVisionConfig
+from ov_jax.config import OneVisionConfig
 from ov_jax.generation import GenerationConfig
 from ov_jax.inputs import integers, model_inputs
 from ov_jax.modeling import llava, lm_head
@@ -77,6 +77,22 @@ def _is_converted(path: os.PathLike) -> bool:
         return False
 
 
+def _asked_quantization(mode: str | None, given: dict, stored, path) -> Any:
+    """The `ov_jax.config.QuantConfig` that ``from_pretrained``'s arguments ask for (``given``: the options not
+    left out, by field name), the options left out taken from ``stored`` (the source's quantization, None for
+    float weights) when it has ``mode``, else the defaults; None when nothing is asked for."""
+    from ov_jax.config import QuantConfig
+
+    mode = mode or (stored.mode if stored is not None and given else None)
+    if mode is None:
+        if given:
+            names = ", ".join("quantize_vision" if k == "vision" else k for k in given)
+            raise ValueError(f"{names} apply only with quantization='int8' or 'int4' ({path} holds float weights)")
+        return None
+    base = stored if stored is not None and stored.mode == mode else QuantConfig(mode)
+    return dataclasses.replace(base, **given)
+
+
 class LlavaOnevision:
     """LLaVA-OneVision in JAX. Build with :meth:`from_pretrained` or :meth:`from_params`.
 
@@ -113,8 +129,8 @@ class LlavaOnevision:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, dtype: Any = jnp.float32, mesh: Any = None,
-                        verify: bool = True, quantization: str | None = None, group_size: int = 128,
-                        quantize_vision: bool = False, int8_weights: Any = None, attention: str = "auto",
+                        verify: bool = True, quantization: str | None = None, group_size: int | None = None,
+                        quantize_vision: bool | None = None, int8_weights: Any = None, attention: str = "auto",
                         **kwargs) -> "LlavaOnevision":
         """Load a transformers checkpoint directory, a converted orbax directory, or a hub id.
 
@@ -126,11 +142,13 @@ class LlavaOnevision:
         ``quantization``: ``"int8"`` (per output channel) or ``"int4"`` (per ``group_size`` input features)
         weight-only quantization of the language model's weights (and with ``quantize_vision`` the tower's and
         the projector's), see `ov_jax.nn.quant`; ``int8_weights``: the language-model linears int4 mode keeps
-        at int8 (`ov_jax.config.QuantConfig`; ``()`` for int4 everywhere; ``None``: a quantized directory's,
-        else :data:`~ov_jax.config.INT4_INT8_WEIGHTS`). A directory converted with ``--quantize`` loads straight into
-        its quantized form (``quantization`` may be omitted, or must match); other sources are read in float
-        and then quantized (peak memory: the float weights). ``ValueError`` for an unknown mode, a group size
-        that does not divide a weight's input size, or a mismatch with a quantized directory. ``attention``: the
+        at int8 (`ov_jax.config.QuantConfig`; ``()`` for int4 everywhere). A directory converted with
+        ``--quantize`` loads straight into its quantized form; ``quantization`` and the three options may be
+        left out (``None``: as stored) and what is given must match. Other sources are read in float and then
+        quantized (peak memory: the float weights), the options left out taking ``group_size=128``,
+        ``quantize_vision=False`` and ``int8_weights=("v", "o")``. ``ValueError`` for an unknown mode, a group
+        size that does not divide a weight's input size, an option given without ``quantization`` for a float
+        source, or a mismatch with a quantized directory. ``attention``: the
         attention backend (see :class:`LlavaOnevision`); an unknown or unavailable one is an error before any
         weight loads.
         """
@@ -140,16 +158,17 @@ class LlavaOnevision:
 
         dtype = resolve_dtype(dtype)
         resolve_attention(attention, jax.default_backend(), dtype)
-        quant = (None if quantization is None else QuantConfig(
-            quantization, group_size, quantize_vision, INT4_INT8_WEIGHTS if int8_weights is None else int8_weights))
+        given = {field: value for field, value in (("group_size", group_size), ("vision", quantize_vision),
+                                                   ("int8_weights", int8_weights)) if value is not None}
+        QuantConfig(quantization or "int4", **given)  # bad values fail before any file is read
         path = resolve_checkpoint(path_or_id)
         converted = _is_converted(path)
         config = load_config(path) if converted else loading.checkpoint_config(path)
-        if config.quantization is not None:
-            if quant is not None and int8_weights is None:  # left out: as stored
-                quant = dataclasses.replace(quant, int8_weights=config.quantization.int8_weights)
-            if quant is not None and quant != config.quantization:
-                raise ValueError(f"{path} holds weights quantized as {config.quantization}; asked for {quant}")
+        stored = config.quantization
+        quant = _asked_quantization(quantization, given, stored, path)
+        if stored is not None:
+            if quant is not None and quant != stored:
+                raise ValueError(f"{path} holds weights quantized as {stored}; asked for {quant}")
             quant = None  # already in that form
         if mesh is not None:
             from ov_jax import sharding

@@ -281,12 +281,17 @@ def test_int4_keeps_the_attention_values_at_int8(tiny_ckpt, tmp_path):
     config, params = load_orbax(tmp_path / "pure")
     assert config.quantization == pure.config.quantization
     assert_trees_equal(params, pure.params)
-    # int8_weights left out loads the directory as stored; given, it must match
-    again = LlavaOnevision.from_pretrained(tmp_path / "pure", quantization="int4", group_size=TINY_GROUP)
-    assert again.config.quantization == pure.config.quantization
+    # options left out load the directory as stored (quantization too); given, they must match
+    for asked in ({"quantization": "int4", "group_size": TINY_GROUP}, {"quantization": "int4"}, {}):
+        again = LlavaOnevision.from_pretrained(tmp_path / "pure", **asked)
+        assert again.config.quantization == pure.config.quantization
     with pytest.raises(ValueError, match=r"quantized as .*int8_weights=\(\)\); asked for .*\('v', 'o'\)"):
         LlavaOnevision.from_pretrained(tmp_path / "pure", quantization="int4", group_size=TINY_GROUP,
                                        int8_weights=("o", "v"))
+    with pytest.raises(ValueError, match=r"quantized as .*group_size=16.*; asked for .*group_size=32"):
+        LlavaOnevision.from_pretrained(tmp_path / "pure", group_size=32)
+    with pytest.raises(ValueError, match=r"group_size, int8_weights apply only with quantization='int8' or 'int4'"):
+        LlavaOnevision.from_pretrained(tiny_ckpt, group_size=32, int8_weights=())
     old = pure.config.to_dict()
     del old["quantization"]["int8_weights"]
     assert OneVisionConfig.from_dict(old).quantization == QuantConfig("int4", TINY_GROUP, int8_weights=())
