@@ -42,14 +42,18 @@ def run(args: argparse.Namespace) -> int:
     from ov_jax.config import QuantConfig
 
     try:
-        given = [flag for flag, value in (("--group-size", args.group_size), ("--int8-weights", args.int8_weights),
-                                          ("--quantize-vision", args.quantize_vision or None)) if value is not None]
-        if args.quantize is None and given:
-            raise ValueError(f"{' and '.join(given)} apply only with --quantize int8|int4")
-        names = ",".join(INT4_INT8_WEIGHTS) if args.int8_weights is None else args.int8_weights
-        names = () if names == "none" else tuple(n.strip() for n in names.split(","))
-        quantization = None if args.quantize is None else QuantConfig(
-            args.quantize, 128 if args.group_size is None else args.group_size, args.quantize_vision, names)
+        options = {}  # the quantization options given, by QuantConfig field; the rest take its defaults
+        if args.group_size is not None:
+            options["group_size"] = args.group_size
+        if args.int8_weights is not None:
+            names = args.int8_weights
+            options["int8_weights"] = () if names == "none" else tuple(n.strip() for n in names.split(","))
+        if args.quantize_vision:
+            options["vision"] = True
+        if args.quantize is None and options:
+            flags = {"group_size": "--group-size", "int8_weights": "--int8-weights", "vision": "--quantize-vision"}
+            raise ValueError(f"{' and '.join(flags[k] for k in options)} apply only with --quantize int8|int4")
+        quantization = None if args.quantize is None else QuantConfig(args.quantize, **options)
         report = convert(args.src, args.dst, args.dtype, overwrite=args.overwrite, progress=args.progress,
                          quantization=quantization)
     except (ValueError, OSError) as err:  # CheckpointError and ConfigError are ValueErrors

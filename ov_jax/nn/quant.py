@@ -29,10 +29,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ov_jax.config import OneVisionConfig, QuantConfig
+from ov_jax.config import LM_LINEARS, OneVisionConfig, QuantConfig
 from ov_jax.params import ParamSpec, Params, check_tree, is_spec, param_specs, weight_paths
 
-LM_TARGETS = r"text\.layers\.(q|k|v|o|gate|up|down)|text\.lm_head"
+LM_TARGETS = rf"text\.layers\.({'|'.join(LM_LINEARS)})|text\.lm_head"
 VISION_TARGETS = r"vision\.layers\.(q|k|v|o|fc1|fc2)|projector\.linear_[12]"
 TABLES = ("text.embed",)  # [V, H] tables, quantized along H
 INT8_MAX = 127
